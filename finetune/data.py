@@ -1,0 +1,516 @@
+"""Image folders in, a validated and split index out; plus the transforms and loaders.
+
+Accepted layouts (see data/README.md)::
+
+    DATA/<class>/<image>                          # a seeded, stratified split is made here
+    DATA/train/<class>/...  DATA/val/<class>/...  # also valid/ or validation/; optional test/
+
+Usage::
+
+    index = scan("mydata", val_fraction=0.2, seed=0)
+    index.classes                # ('cat', 'dog')
+    index.indices("train")       # positions into index.paths / index.labels
+    index.problems               # files skipped, each with its path and reason
+
+Nothing here ever writes inside the data folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from finetune.errors import DataError
+from finetune.images import ImageError, is_image_name, load_rgb, probe
+
+SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
+
+
+@dataclass(frozen=True)
+class Preprocessing:
+    """How a backbone's weights expect pixels: resize, crop, normalize (from weight metadata)."""
+
+    input_size: int = 224
+    crop_pct: float = 0.875
+    mean: tuple[float, float, float] = (0.485, 0.456, 0.406)
+    std: tuple[float, float, float] = (0.229, 0.224, 0.225)
+    interpolation: str = "bicubic"
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the center crop (224 / 0.875 = 256)."""
+        return int(math.floor(self.input_size / self.crop_pct))
+
+    def with_size(self, size: int) -> Preprocessing:
+        """The same preprocessing at another input size (crop ratio kept)."""
+        return Preprocessing(size, self.crop_pct, self.mean, self.std, self.interpolation)
+
+    def to_dict(self) -> dict:
+        return {
+            "input_size": self.input_size,
+            "crop_pct": self.crop_pct,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Preprocessing:
+        return cls(
+            int(d["input_size"]),
+            float(d["crop_pct"]),
+            tuple(d["mean"]),
+            tuple(d["std"]),
+            str(d["interpolation"]),
+        )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """A file that was not used, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DatasetIndex:
+    """Every usable image of a folder with its class and split; what was left out, with reasons."""
+
+    root: Path
+    classes: tuple[str, ...]
+    paths: tuple[str, ...]  # relative to root, POSIX
+    labels: tuple[int, ...]
+    splits: tuple[str, ...]  # "train" | "val" | "test", one per path
+    layout: str
+    problems: tuple[Problem, ...] = ()  # unreadable images: skipped
+    ignored: tuple[Problem, ...] = ()  # not images, or not in a class folder
+    warnings: tuple[str, ...] = ()
+    split_seed: int | None = None
+    val_fraction: float | None = None
+
+    def indices(self, split: str) -> list[int]:
+        return [i for i, s in enumerate(self.splits) if s == split]
+
+    def has(self, split: str) -> bool:
+        return split in self.splits
+
+    def counts(self, split: str | None = None) -> dict[str, int]:
+        """Images per class name, optionally in one split."""
+        c = Counter(self.labels[i] for i in range(len(self.paths)) if split is None or self.splits[i] == split)
+        return {name: c.get(k, 0) for k, name in enumerate(self.classes)}
+
+    def absolute(self, i: int) -> Path:
+        return self.root / self.paths[i]
+
+    def without(self, bad: dict[int, str]) -> DatasetIndex:
+        """A copy with the samples at positions `bad` moved to `problems` (decode failures)."""
+        keep = [i for i in range(len(self.paths)) if i not in bad]
+        return DatasetIndex(
+            root=self.root,
+            classes=self.classes,
+            paths=tuple(self.paths[i] for i in keep),
+            labels=tuple(self.labels[i] for i in keep),
+            splits=tuple(self.splits[i] for i in keep),
+            layout=self.layout,
+            problems=self.problems + tuple(Problem(self.paths[i], r) for i, r in sorted(bad.items())),
+            ignored=self.ignored,
+            warnings=self.warnings,
+            split_seed=self.split_seed,
+            val_fraction=self.val_fraction,
+        )
+
+    def split_dict(self) -> dict:
+        """What `split.json` holds: the relative paths of each split, and how they were made."""
+        out: dict = {"layout": self.layout, "seed": self.split_seed, "val_fraction": self.val_fraction}
+        for name in ("train", "val", "test"):
+            if self.has(name):
+                out[name] = [self.paths[i] for i in self.indices(name)]
+        return out
+
+    def report_dict(self) -> dict:
+        """What `problems.json` holds."""
+        return {
+            "skipped": [{"path": p.path, "reason": p.reason} for p in self.problems],
+            "ignored": [{"path": p.path, "reason": p.reason} for p in self.ignored],
+            "warnings": list(self.warnings),
+        }
+
+
+# --------------------------------------------------------------------------- scanning
+
+
+@dataclass
+class _Found:
+    """Mutable accumulator while walking: files per (split, class), and what was left out."""
+
+    files: dict[tuple[str, str], list[str]] = field(default_factory=dict)
+    problems: list[Problem] = field(default_factory=list)
+    ignored: list[Problem] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def _visible_entries(folder: Path) -> list[os.DirEntry]:
+    try:
+        with os.scandir(folder) as it:
+            return sorted((e for e in it if not e.name.startswith(".")), key=lambda e: e.name)
+    except OSError as err:
+        raise DataError(f"cannot read folder {folder}: {err.strerror}", "check its permissions") from None
+
+
+def _is_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir()  # follows symlinks; a symlink loop is simply not a directory
+    except OSError:
+        return False
+
+
+def _walk_class(folder: Path, root: Path, found: _Found) -> list[str]:
+    """Image files under one class folder (recursively, never following directory symlinks)."""
+    images: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            rel = path.relative_to(root).as_posix()
+            if name.startswith(".") and not name.startswith("._"):
+                continue  # hidden files: never data, never worth a line
+            if not is_image_name(name):
+                found.ignored.append(Problem(rel, "not an image file name"))
+                continue
+            if not os.path.isfile(path):  # dangling symlink or symlink loop
+                found.problems.append(Problem(rel, "not a regular file (broken or looping link)"))
+                continue
+            try:
+                probe(path)
+            except ImageError as err:
+                found.problems.append(Problem(rel, err.reason))
+                continue
+            images.append(rel)
+    return images
+
+
+def _scan_classes(folder: Path, root: Path, split: str, found: _Found) -> None:
+    for entry in _visible_entries(folder):
+        rel = Path(entry.path).relative_to(root).as_posix()
+        if _is_dir(entry):
+            images = _walk_class(Path(entry.path), root, found)
+            if images:
+                found.files[(split, entry.name)] = images
+            else:
+                found.warnings.append(f"class folder {rel}/ has no usable images: not a class")
+        elif is_image_name(entry.name):
+            found.ignored.append(Problem(rel, "image outside any class folder: not used"))
+        elif entry.name.lower() not in {"thumbs.db", "desktop.ini"}:
+            found.ignored.append(Problem(rel, "not in a class folder"))
+
+
+def _detect_splits(root: Path) -> dict[str, Path]:
+    """{'train': path, 'val': path, 'test': path} when the root holds split folders."""
+    named = {}
+    for entry in _visible_entries(root):
+        key = SPLIT_ALIASES.get(entry.name.lower())
+        if key and _is_dir(entry):
+            if key in named:
+                raise DataError(
+                    f"{root} has two validation folders ({named[key].name}/ and {entry.name}/)",
+                    "keep one of val/, valid/, validation/",
+                )
+            named[key] = Path(entry.path)
+    return named if "train" in named else {}
+
+
+def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> list[str]:
+    """'train'/'val' per sample: per class max(1, round(f * n)) to val, seeded and reproducible.
+
+    Every class keeps at least one training image, so a class needs two images.
+    """
+    labels_arr = np.asarray(labels)
+    out = ["train"] * len(labels_arr)
+    rng = np.random.default_rng(seed)
+    for k in np.unique(labels_arr):
+        members = np.flatnonzero(labels_arr == k)
+        n_val = min(max(1, round(val_fraction * len(members))), len(members) - 1)
+        for i in rng.permutation(members)[:n_val]:
+            out[int(i)] = "val"
+    return out
+
+
+def scan(
+    root: str | os.PathLike,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    labels_csv: str | os.PathLike | None = None,
+) -> DatasetIndex:
+    """Index an image folder (or a CSV of `path,label`), check every file's header, split it.
+
+    Raises:
+        DataError: missing folder, no images, fewer than two classes, a class with one image.
+    """
+    root = Path(root).expanduser()
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist", "pass a folder of class subfolders of images")
+    if not root.is_dir():
+        raise DataError(f"{root} is not a folder", "pass a folder of class subfolders of images")
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"--val-fraction {val_fraction} is out of range", "use a value between 0 and 1, e.g. 0.2")
+    root = root.resolve()
+    found = _Found()
+    if labels_csv is not None:
+        _scan_csv(Path(labels_csv), root, found)
+        layout = "csv"
+        split_dirs: dict[str, Path] = {}
+    else:
+        split_dirs = _detect_splits(root)
+        layout = "split-folders" if split_dirs else "class-folders"
+        if split_dirs:
+            for name, folder in split_dirs.items():
+                _scan_classes(folder, root, name, found)
+            for entry in _visible_entries(root):
+                if entry.name.lower() not in SPLIT_ALIASES:
+                    found.ignored.append(Problem(entry.name, "next to train/val folders: not used"))
+        else:
+            _scan_classes(root, root, "all", found)
+    return _assemble(root, layout, found, val_fraction, seed, has_val="val" in split_dirs)
+
+
+def _scan_csv(csv_path: Path, root: Path, found: _Found) -> None:
+    """Rows `path,label` (paths relative to root); an optional third column names the split."""
+    if not csv_path.is_file():
+        raise DataError(f"labels file {csv_path} does not exist", "pass a CSV with rows path,label")
+    with open(csv_path, newline="", encoding="utf-8") as fh:
+        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
+    if rows and rows[0][:2] == ["path", "label"]:
+        rows = rows[1:]
+    for line, row in enumerate(rows, start=1):
+        if len(row) < 2:
+            raise DataError(f"{csv_path} row {line} has {len(row)} column(s)", "write each row as path,label")
+        rel, label = row[0].strip(), row[1].strip()
+        split = SPLIT_ALIASES.get(row[2].strip().lower(), "all") if len(row) > 2 else "all"
+        path = (root / rel).resolve()
+        if root not in path.parents:
+            found.problems.append(Problem(rel, "outside the data folder: not used"))
+            continue
+        try:
+            probe(path)
+        except (ImageError, FileNotFoundError) as err:
+            found.problems.append(Problem(rel, getattr(err, "reason", "file not found")))
+            continue
+        found.files.setdefault((split, label), []).append(path.relative_to(root).as_posix())
+
+
+def _assemble(
+    root: Path, layout: str, found: _Found, val_fraction: float, seed: int, has_val: bool
+) -> DatasetIndex:
+    train_split = "train" if layout == "split-folders" else "all"
+    class_names = sorted({c for (s, c) in found.files if s in (train_split, "all")})
+    if not class_names:
+        where = f"{root}/train" if layout == "split-folders" else str(root)
+        raise DataError(
+            f"no images found in {where}", f"put images in {where}/<class>/*.jpg (one folder per class)"
+        )
+    if len(class_names) < 2:
+        raise DataError(
+            f"only one class ({class_names[0]}) in {root}: a classifier needs at least two",
+            "add a folder of images for each other class",
+        )
+    stray = sorted({c for (s, c) in found.files if c not in class_names})
+    if stray:
+        raise DataError(
+            f"classes {', '.join(stray)} appear in val/test but not in train",
+            "add training images for them or remove them from val/test",
+        )
+    label_of = {c: k for k, c in enumerate(class_names)}
+    paths: list[str] = []
+    labels: list[int] = []
+    splits: list[str] = []
+    for (split, cname), files in sorted(found.files.items()):
+        paths += files
+        labels += [label_of[cname]] * len(files)
+        splits += [split] * len(files)
+
+    made_split = not has_val
+    if made_split:
+        pool = [i for i, s in enumerate(splits) if s in ("train", "all")]
+        counts = Counter(labels[i] for i in pool)
+        small = [class_names[k] for k in range(len(class_names)) if counts.get(k, 0) < 2]
+        if small:
+            raise DataError(
+                f"class {', '.join(small)} has fewer than 2 images",
+                "a class needs at least 2 (one to train on, one to validate); add images or remove the folder",
+            )
+        sub = stratified_split([labels[i] for i in pool], val_fraction, seed)
+        for i, s in zip(pool, sub):
+            splits[i] = s
+    return DatasetIndex(
+        root=root,
+        classes=tuple(class_names),
+        paths=tuple(paths),
+        labels=tuple(labels),
+        splits=tuple(splits),
+        layout=layout,
+        problems=tuple(found.problems),
+        ignored=tuple(found.ignored),
+        warnings=tuple(found.warnings),
+        split_seed=seed if made_split else None,
+        val_fraction=val_fraction if made_split else None,
+    )
+
+
+# --------------------------------------------------------------------------- transforms and loaders
+
+
+def eval_transform(pre: Preprocessing) -> Callable:
+    """PIL RGB image -> normalized (3, S, S) tensor: resize shorter side, center crop, normalize.
+
+    The one preprocessing used by `run`, `predict`, `evaluate` and feature extraction.
+    """
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(pre.interpolation)
+    return T.Compose(
+        [
+            _GuardAspect(pre.resize_size),
+            T.Resize(pre.resize_size, interpolation=interp),
+            T.CenterCrop(pre.input_size),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+def train_transform(pre: Preprocessing, augment: bool = True, scale_min: float = 0.35) -> Callable:
+    """Random-resized crop + horizontal flip (the usual ImageNet fine-tuning augmentation)."""
+    if not augment:
+        return eval_transform(pre)
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(pre.interpolation)
+    return T.Compose(
+        [
+            _GuardAspect(pre.resize_size),
+            T.RandomResizedCrop(pre.input_size, scale=(scale_min, 1.0), interpolation=interp),
+            T.RandomHorizontalFlip(),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+
+
+class _GuardAspect:
+    """Center-crop extreme panoramas before resizing, so a 1x50000 image cannot blow up memory.
+
+    Only images with an aspect ratio over 3 are touched; the long side is cut to 3x the
+    short side, which keeps every pixel the later center crop can see.
+    """
+
+    def __init__(self, resize: int) -> None:
+        self.resize = resize
+
+    def __call__(self, im):
+        w, h = im.size
+        short, long = min(w, h), max(w, h)
+        if long <= 3 * short:
+            return im
+        keep = 3 * short
+        if w > h:
+            left = (w - keep) // 2
+            return im.crop((left, 0, left + keep, h))
+        top = (h - keep) // 2
+        return im.crop((0, top, w, top + keep))
+
+
+class ImageDataset:
+    """Map-style dataset over a `DatasetIndex`; a file that fails to decode yields `None` and its reason.
+
+    Items are `(tensor | None, label, position, reason)`; `collate_skipping` drops the `None`s
+    so one bad file never crashes an epoch, and the caller learns which position failed.
+    """
+
+    def __init__(self, index: DatasetIndex, positions: Sequence[int], transform: Callable) -> None:
+        self.index = index
+        self.positions = list(positions)
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, i: int):
+        pos = self.positions[i]
+        try:
+            x = self.transform(load_rgb(self.index.absolute(pos)))
+        except ImageError as err:
+            return None, self.index.labels[pos], pos, err.reason
+        return x, self.index.labels[pos], pos, ""
+
+
+def collate_skipping(batch):
+    """Stack the good items: (x (B, 3, H, W), y (B,), positions (B,), {bad position: reason})."""
+    import torch
+
+    good = [b for b in batch if b[0] is not None]
+    bad = {b[2]: b[3] for b in batch if b[0] is None}
+    if not good:
+        return None, None, None, bad
+    x = torch.stack([b[0] for b in good])
+    y = torch.tensor([b[1] for b in good], dtype=torch.long)
+    pos = torch.tensor([b[2] for b in good], dtype=torch.long)
+    return x, y, pos, bad
+
+
+def default_workers() -> int:
+    """Decode workers: the cores we may use, minus nothing on small machines (decoding is I/O + C)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:
+        cores = os.cpu_count() or 1
+    return max(0, min(8, cores))
+
+
+def make_loader(dataset, batch_size: int, workers: int, shuffle: bool = False, sampler=None, seed: int = 0):
+    """A DataLoader that skips undecodable files; persistent workers off (short jobs dominate)."""
+    import torch
+    from torch.utils.data import DataLoader
+
+    gen = torch.Generator()
+    gen.manual_seed(seed)
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping,
+        pin_memory=torch.cuda.is_available(),
+        generator=gen,
+    )
+
+
+def write_digits_folder(target: Path, size: int = 32) -> Path:
+    """Write sklearn's 1,797 handwritten digits as PNGs in `target/<digit>/` (for `demo`, tests, benchmarks).
+
+    The 8x8 digits (values 0..16) are scaled to 0..255 and upsampled with nearest neighbour to
+    `size` pixels so they stay crisp. Existing complete folders are reused.
+    """
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    done = target / ".complete"
+    if done.exists():
+        return target
+    target.mkdir(parents=True, exist_ok=True)
+    for i, (img, label) in enumerate(zip(digits.images, digits.target)):
+        folder = target / str(int(label))
+        folder.mkdir(exist_ok=True)
+        pixels = np.rint(img * (255.0 / 16.0)).astype(np.uint8)  # (8, 8)
+        Image.fromarray(pixels, mode="L").resize((size, size), Image.NEAREST).save(folder / f"{i:04d}.png")
+    done.write_text("ok\n")
+    return target

@@ -1,0 +1,120 @@
+"""The probe method: frozen features -> scikit-learn head -> folded into the saved model.
+
+`linear-probe` reads one tap (the pooled penultimate layer by default); `stage-probe`
+reads the pooled output of every stage, keeps the stage whose head does best on the
+validation split, and cuts the network there.
+"""
+
+from __future__ import annotations
+
+import time
+
+import numpy as np
+import torch
+
+from finetune.anatomy import build_trunk
+from finetune.errors import DataError
+from finetune.evaluate import classification_metrics
+from finetune.features import Features, extract, pick_device
+from finetune.heads import Classifier, FittedHead, fit_head, fold
+from finetune.pipeline import Outcome, RunContext
+
+
+def _say_fit(ctx: RunContext, head: FittedHead) -> None:
+    if head.n_folds == 0:
+        ctx.log("too few images per class for cross-validation: using C = 1")
+    else:
+        ctx.log(f"head: {head.kind}, C = {head.C:g} chosen by {head.n_folds}-fold cross-validation")
+
+
+@torch.inference_mode()
+def predict_features(linear: torch.nn.Linear, x: np.ndarray) -> np.ndarray:
+    """(N, K) scores of the folded head on features, as the saved model computes them."""
+    return linear(torch.from_numpy(x).float()).numpy()
+
+
+def evaluate_split(
+    ctx: RunContext, feats: Features, split: str, linear: torch.nn.Linear, head_kind: str
+) -> tuple[dict, list[dict]]:
+    """Metrics and per-image predictions of the folded head on one split."""
+    sub = feats.subset(ctx.positions(split))
+    scores = predict_features(linear, sub.x)
+    if head_kind != "svm":
+        scores = torch.softmax(torch.from_numpy(scores), dim=1).numpy()
+    pred = scores.argmax(1)
+    metrics = classification_metrics(sub.labels, pred, ctx.index.classes, scores)
+    rows = [
+        {
+            "path": ctx.index.paths[int(p)],
+            "split": split,
+            "label": ctx.index.classes[int(t)],
+            "pred": ctx.index.classes[int(k)],
+            "score": float(s[k]),
+        }
+        for p, t, k, s in zip(sub.positions, sub.labels, pred, scores)
+    ]
+    return metrics, rows
+
+
+def _extract_all(ctx: RunContext, trunk: torch.nn.Module, description: str) -> Features:
+    index = ctx.index
+    positions = list(range(len(index.paths)))
+    feats = extract(
+        trunk,
+        index,
+        positions,
+        ctx.preprocessing,
+        batch_size=ctx.recipe.batch_size,
+        workers=ctx.options.workers,
+        device=pick_device(ctx.options.device),
+        description=description,
+    )
+    ctx.bad.update(feats.bad)
+    for pos, reason in sorted(feats.bad.items()):
+        ctx.log(f"skipped {index.paths[pos]}: {reason}")
+    ctx.check_classes()
+    return feats
+
+
+def linear_probe(ctx: RunContext) -> Outcome:
+    recipe = ctx.recipe
+    trunk = build_trunk(ctx.backbone.model, recipe.layer)
+    t0 = time.perf_counter()
+    feats = _extract_all(ctx, trunk, f"features ({recipe.layer})")
+    t1 = time.perf_counter()
+    train = feats.subset(ctx.positions("train"))
+    if len(train.x) == 0:
+        raise DataError("no training images could be read", "run `finetune check DATA` to see why")
+    head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
+    t2 = time.perf_counter()
+    _say_fit(ctx, head)
+    linear = fold(head)
+    metrics: dict = {}
+    predictions: list[dict] = []
+    for split in ("val", "test"):
+        if ctx.positions(split):
+            metrics[split], rows = evaluate_split(ctx, feats, split, linear, head.kind)
+            predictions += rows
+    n = len(feats.x)
+    metrics["head"] = {
+        "kind": head.kind,
+        "C": head.C,
+        "folds": head.n_folds,
+        "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
+    }
+    metrics["timing"] = {
+        "extract_s": round(t1 - t0, 3),
+        "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+        "fit_s": round(t2 - t1, 3),
+        "images": n,
+    }
+    return Outcome(Classifier(trunk, linear), recipe.layer, head.kind, metrics, predictions)
+
+
+def run_probe(ctx: RunContext) -> Outcome:
+    """Dispatch on the recipe's layer: one tap (linear-probe) or every stage (stage-probe)."""
+    if ctx.recipe.layer == "all":
+        from finetune.stageprobe import stage_probe
+
+        return stage_probe(ctx)
+    return linear_probe(ctx)

@@ -1,0 +1,92 @@
+"""Shared fixtures: tiny image folders made in code, and a guard that data folders stay untouched.
+
+    def test_x(image_folder):            # tmp/<data>/{red,blue}/*.png, 6 images per class
+    def test_y(make_folder):             # make_folder({"a": 3, "b": 2}, size=24, layout="split")
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+os.environ.setdefault("FINETUNE_PROGRESS", "0")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+# Distinct, easily separable class looks: (base colour, stripe orientation).
+_LOOKS = [((220, 40, 40), 0), ((40, 60, 220), 1), ((40, 200, 60), 0), ((230, 200, 40), 1), ((150, 40, 200), 0)]
+
+
+def class_image(k: int, i: int, size: int = 32) -> np.ndarray:
+    """An RGB (size, size, 3) uint8 image of class k, variant i: coloured stripes plus noise."""
+    rng = np.random.default_rng(1000 * k + i)
+    colour, vertical = _LOOKS[k % len(_LOOKS)]
+    img = np.empty((size, size, 3), np.float64)
+    img[:] = colour
+    stripes = (np.arange(size) // max(2, size // 8 + (k // len(_LOOKS)))) % 2
+    mask = stripes[None, :] if vertical else stripes[:, None]
+    img *= 0.55 + 0.45 * np.broadcast_to(mask, (size, size))[..., None]
+    img += rng.normal(0, 12, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def write_images(folder: Path, k: int, n: int, size: int = 32, start: int = 0, ext: str = ".png") -> list[Path]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = []
+    for i in range(start, start + n):
+        p = folder / f"img_{i:03d}{ext}"
+        Image.fromarray(class_image(k, i, size)).save(p)
+        out.append(p)
+    return out
+
+
+@pytest.fixture
+def make_folder(tmp_path):
+    """Factory: make_folder({"red": 6, "blue": 6}, size=32, layout="class"|"split", name="data")."""
+
+    def make(classes: dict[str, int] | None = None, size: int = 32, layout: str = "class", name: str = "data",
+             val: int = 2, test: int = 0) -> Path:
+        classes = classes or {"red": 6, "blue": 6}
+        root = tmp_path / name
+        for k, (cname, n) in enumerate(classes.items()):
+            if layout == "class":
+                write_images(root / cname, k, n, size)
+            else:
+                write_images(root / "train" / cname, k, n, size)
+                write_images(root / "val" / cname, k, val, size, start=n)
+                if test:
+                    write_images(root / "test" / cname, k, test, size, start=n + val)
+        return root
+
+    return make
+
+
+@pytest.fixture
+def image_folder(make_folder) -> Path:
+    return make_folder({"red": 6, "blue": 6})
+
+
+def tree_digest(root: Path) -> dict[str, str]:
+    """sha256 of every file and the listing of every folder under root (symlinks by target text)."""
+    out = {}
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        rel = os.path.relpath(dirpath, root)
+        out[f"dir:{rel}"] = "|".join(sorted(dirnames + filenames))
+        for f in filenames:
+            p = os.path.join(dirpath, f)
+            if os.path.islink(p):
+                out[f"link:{rel}/{f}"] = os.readlink(p)
+            else:
+                out[f"file:{rel}/{f}"] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+    return out
+
+
+@pytest.fixture
+def runs_dir(tmp_path) -> Path:
+    return tmp_path / "runs"

@@ -1,0 +1,71 @@
+"""The folded nn.Linear must reproduce scikit-learn's head exactly (the reference)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import LinearSVC
+
+from finetune.heads import cv_folds, fit_head, fold
+
+
+def _blobs(n_classes: int, n: int = 40, d: int = 12, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(0, 3, (n_classes, d))
+    y = np.repeat(np.arange(n_classes), n)
+    x = centers[y] + rng.normal(0, 2.5, (len(y), d)) + 5.0  # offset: the scaler matters
+    x[:, 0] *= 40  # very different feature scales
+    return x.astype(np.float32), y
+
+
+@pytest.mark.parametrize("n_classes", [2, 4])
+def test_folded_logreg_matches_sklearn_probabilities(n_classes):
+    x, y = _blobs(n_classes)
+    head = fit_head(x, y, kind="logreg", c_grid=(0.1,))
+    # Independent reference: sklearn fitted from scratch with the same C.
+    scaler = StandardScaler().fit(x)
+    ref = LogisticRegression(C=0.1, max_iter=2000).fit(scaler.transform(x), y)
+    p_ref = ref.predict_proba(scaler.transform(x))
+    with torch.no_grad():
+        p_ours = torch.softmax(fold(head)(torch.from_numpy(x)), dim=1).numpy()
+    assert p_ours.shape == (len(x), n_classes)
+    np.testing.assert_allclose(p_ours, p_ref, atol=1e-4)
+    assert (p_ours.argmax(1) == ref.predict(scaler.transform(x))).mean() >= 0.99
+
+
+@pytest.mark.parametrize("n_classes", [2, 3])
+def test_folded_svm_matches_sklearn_decisions(n_classes):
+    x, y = _blobs(n_classes, seed=1)
+    head = fit_head(x, y, kind="svm", c_grid=(1.0,))
+    scaler = StandardScaler().fit(x)
+    ref = LinearSVC(C=1.0, max_iter=5000, random_state=0).fit(scaler.transform(x), y)
+    with torch.no_grad():
+        scores = fold(head)(torch.from_numpy(x)).numpy()
+    agree = (scores.argmax(1) == ref.predict(scaler.transform(x))).mean()
+    assert agree >= 0.99
+    if n_classes == 2:  # two rows -w/2, +w/2: their difference is sklearn's decision function
+        np.testing.assert_allclose(scores[:, 1] - scores[:, 0], ref.decision_function(scaler.transform(x)), atol=1e-3)
+
+
+def test_binary_fold_has_two_symmetric_rows():
+    x, y = _blobs(2)
+    lin = fold(fit_head(x, y, c_grid=(1.0,)))
+    assert lin.weight.shape == (2, x.shape[1])
+    torch.testing.assert_close(lin.weight[0], -lin.weight[1])
+    torch.testing.assert_close(lin.bias[0], -lin.bias[1])
+
+
+def test_c_is_chosen_by_cross_validation_and_fixed_when_too_few():
+    x, y = _blobs(3)
+    head = fit_head(x, y, c_grid=(0.001, 1.0))
+    assert head.n_folds == 3 and set(head.cv_scores) == {0.001, 1.0}
+    assert head.C == max(head.cv_scores, key=head.cv_scores.get)
+    # One image of a class in train: no CV possible, C = 1 said aloud by the caller.
+    y1 = y.copy()
+    y1[y1 == 2] = 1
+    y1[0] = 2
+    assert cv_folds(y1) == 1
+    assert fit_head(x, y1).n_folds == 0 and fit_head(x, y1).C == 1.0
