@@ -7,24 +7,16 @@ images are predicted with the saved run.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
-
-def cache_root() -> Path:
-    """FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune."""
-    env = os.environ.get("FINETUNE_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "finetune"
+from finetune.paths import cache_root
 
 
 def digits_folder() -> Path:
     from finetune.data import write_digits_folder
 
-    return write_digits_folder(cache_root() / "datasets" / "digits")
+    return write_digits_folder(cache_root() / "datasets" / "digits-png")
 
 
 def run_demo(out: Path, log: Callable[[str], None], echo: Callable[[str], None]) -> float:
@@ -39,7 +31,8 @@ def run_demo(out: Path, log: Callable[[str], None], echo: Callable[[str], None])
     print_run_summary(result)
     acc = result.metrics["val"]["accuracy"]
     echo(f"demo: validation accuracy {acc:.4f} on {result.metrics['val']['n']} held-out digits")
-    val = [result.index.root / p for p in result.index.split_dict()["val"][:5]]
+    val_paths = result.index.split_dict()["val"]
+    val = [result.index.root / p for p in val_paths[:: max(1, len(val_paths) // 5)][:5]]
     shown = predict(val, run_dir=result.run_dir)
     for row in shown.rows:
         truth = Path(row["path"]).parent.name

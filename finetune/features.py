@@ -1,23 +1,37 @@
-"""Run a frozen trunk over images and collect its pooled features.
+"""Run a frozen trunk over images, collect pooled features, and cache them per image.
 
-    feats = extract(trunk, index, index.indices("train"), preprocessing)
+    ident = FeatureIdentity.of(backbone, tap="pool", pool="avg", preprocessing=pre)
+    feats = extract(trunk, index, positions, pre, identity=ident, cache=True)
     feats.x          # (N, D) float32, rows in the order of feats.positions
     feats.bad        # {position: reason} for files that failed to decode (skipped, reported)
+    feats.hits       # how many rows came from the cache
 
-The trunk runs in `torch.inference_mode`, channels_last, in batches, while DataLoader
-workers decode and resize the next batches.
+The trunk runs in inference mode, batched, channels_last, on the fastest engine for the
+device (`engine.py`), while DataLoader workers decode and resize the next batches.
+
+The cache keys every row by what the feature depends on: the network (model, weights
+sha256, tap, pooling, preprocessing, library versions) names a folder, and the file (absolute
+path, size, st_mtime_ns, inode) names the row. Change one image and only it is re-extracted.
+Shards are written atomically and never rewritten, so a crash leaves a usable cache.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
+import time
+import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from finetune.data import DatasetIndex, ImageDataset, Preprocessing, default_workers, eval_transform, make_loader
+from finetune.paths import cache_root
 from finetune.progress import progress_bar
 
 
@@ -29,13 +43,15 @@ class Features:
     positions: np.ndarray  # (N,) int64 positions into the index
     labels: np.ndarray  # (N,) int64
     bad: dict[int, str] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # wall time of the extraction phase
+    hits: int = 0  # rows served from the cache
+    engine: str = ""
 
     def subset(self, positions: Sequence[int]) -> Features:
         """Rows for `positions` (those that decoded), in that order."""
         where = {int(p): r for r, p in enumerate(self.positions)}
         rows = [where[int(p)] for p in positions if int(p) in where]
-        return Features(self.x[rows], self.positions[rows], self.labels[rows], {}, 0.0)
+        return Features(self.x[rows], self.positions[rows], self.labels[rows])
 
 
 def pick_device(device: str = "auto") -> torch.device:
@@ -49,7 +65,158 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
-@torch.inference_mode()
+# --------------------------------------------------------------------------- identity and cache
+
+
+@dataclass(frozen=True)
+class FeatureIdentity:
+    """Everything a feature vector depends on, apart from the image file itself."""
+
+    model: str
+    weights_sha256: str
+    tap: str
+    pool: str
+    preprocessing: tuple  # Preprocessing as a sorted tuple of items
+    versions: tuple  # (name, version) of torch, torchvision, timm, pillow
+
+    @classmethod
+    def of(cls, backbone, tap: str, pool: str, preprocessing: Preprocessing) -> FeatureIdentity | None:
+        """None when the weights have no fingerprint (random init): such features are not cached."""
+        from finetune.runs import versions
+
+        sha = backbone.weights.sha256
+        if not sha:
+            return None
+        v = versions()
+        libs = tuple((k, v.get(k, "")) for k in ("torch", "torchvision", "timm", "pillow"))
+        pre = tuple(sorted((k, json.dumps(val)) for k, val in preprocessing.to_dict().items()))
+        return cls(backbone.spec.model, sha, tap, pool, pre, libs)
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+
+def file_key(path: Path) -> str:
+    """Identity of one file's current bytes, without reading them: path, size, mtime_ns, inode."""
+    st = os.stat(path)
+    text = f"{os.fsencode(os.path.abspath(path))!r}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+class FeatureCache:
+    """Append-only shards of features for one FeatureIdentity: `<digest>/<id>.npy` + `<id>.json` (keys)."""
+
+    def __init__(self, identity: FeatureIdentity, root: Path | None = None) -> None:
+        self.identity = identity
+        self.dir = (root or cache_root()) / "features" / identity.digest
+        self._index: dict[str, tuple[str, int]] | None = None
+
+    def _load_index(self) -> dict[str, tuple[str, int]]:
+        if self._index is None:
+            self._index = {}
+            if self.dir.is_dir():
+                for meta in sorted(self.dir.glob("*.json")):
+                    if meta.name == "identity.json" or not meta.with_suffix(".npy").is_file():
+                        continue
+                    try:
+                        keys = json.loads(meta.read_text())
+                    except (OSError, json.JSONDecodeError):
+                        continue  # a damaged shard is simply not used
+                    for row, key in enumerate(keys):
+                        self._index[key] = (meta.stem, row)
+        return self._index
+
+    def lookup(self, keys: Sequence[str]) -> dict[int, np.ndarray]:
+        """{i: feature row} for each keys[i] found."""
+        index = self._load_index()
+        by_shard: dict[str, list[tuple[int, int]]] = {}
+        for i, key in enumerate(keys):
+            if key in index:
+                shard, row = index[key]
+                by_shard.setdefault(shard, []).append((i, row))
+        out: dict[int, np.ndarray] = {}
+        for shard, pairs in by_shard.items():
+            try:
+                arr = np.load(self.dir / f"{shard}.npy", mmap_mode="r", allow_pickle=False)
+            except (OSError, ValueError):
+                continue
+            rows = np.asarray([r for _, r in pairs])
+            block = np.asarray(arr[rows], dtype=np.float32)
+            for (i, _), vec in zip(pairs, block):
+                out[i] = vec
+        return out
+
+    def store(self, keys: Sequence[str], x: np.ndarray) -> None:
+        """Add one shard; the .npy is complete on disk before the .json that makes it visible."""
+        from finetune.runs import atomic_write, write_json
+
+        if not len(keys):
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = self.dir / "identity.json"
+        if not ident.exists():
+            write_json(ident, asdict(self.identity))
+        shard = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        atomic_write(self.dir / f"{shard}.npy", lambda fh: np.save(fh, np.ascontiguousarray(x, np.float32)))
+        write_json(self.dir / f"{shard}.json", list(keys))
+        index = self._load_index()
+        for row, key in enumerate(keys):
+            index[key] = (shard, row)
+
+
+def cache_info(root: Path | None = None) -> list[dict]:
+    """One row per cached feature set: model, tap, images, size on disk."""
+    base = (root or cache_root()) / "features"
+    rows = []
+    if base.is_dir():
+        for d in sorted(p for p in base.iterdir() if p.is_dir()):
+            try:
+                ident = json.loads((d / "identity.json").read_text())
+            except (OSError, json.JSONDecodeError):
+                ident = {}
+            keys = sum(len(json.loads(m.read_text())) for m in d.glob("*.json") if m.name != "identity.json")
+            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            rows.append({"id": d.name, "model": ident.get("model", "?"), "tap": ident.get("tap", "?"),
+                         "pool": ident.get("pool", "?"), "rows": keys, "bytes": size})
+    return rows
+
+
+def cache_clear(root: Path | None = None) -> int:
+    """Remove cached features and exported engines; returns bytes freed."""
+    import shutil
+
+    freed = 0
+    for sub in ("features", "engines"):
+        d = (root or cache_root()) / sub
+        if d.is_dir():
+            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
+            shutil.rmtree(d)
+    return freed
+
+
+# --------------------------------------------------------------------------- extraction
+
+
+def _run_engine(engine, index: DatasetIndex, positions: Sequence[int], preprocessing: Preprocessing,
+                batch_size: int, workers: int, description: str):
+    dataset = ImageDataset(index, positions, eval_transform(preprocessing))
+    loader = make_loader(dataset, batch_size, min(workers, max(0, len(dataset) // batch_size)))
+    xs: list[np.ndarray] = []
+    pos: list[np.ndarray] = []
+    bad: dict[int, str] = {}
+    with progress_bar(description, total=len(dataset), unit="img") as bar:
+        for x, _, p, failed in loader:
+            bad.update(failed)
+            if x is not None:
+                xs.append(engine(x).numpy())  # (B, D)
+                pos.append(p.numpy())
+            bar.advance(len(failed) + (0 if x is None else len(x)))
+    x_all = np.concatenate(xs) if xs else np.zeros((0, 0), np.float32)
+    p_all = np.concatenate(pos) if pos else np.zeros(0, np.int64)
+    return x_all.astype(np.float32, copy=False), p_all.astype(np.int64), bad
+
+
 def extract(
     trunk: nn.Module,
     index: DatasetIndex,
@@ -59,30 +226,45 @@ def extract(
     workers: int | None = None,
     device: str | torch.device = "cpu",
     description: str = "extracting features",
+    identity: FeatureIdentity | None = None,
+    cache: bool = True,
+    log=None,
 ) -> Features:
-    """Pooled features of `positions`; undecodable files are skipped and returned in `bad`."""
-    import time
+    """Pooled features of `positions`; cached rows are reused, undecodable files returned in `bad`.
 
-    device = torch.device(device)
-    trunk = trunk.eval().to(device, memory_format=torch.channels_last)
-    dataset = ImageDataset(index, positions, eval_transform(preprocessing))
-    workers = default_workers() if workers is None else workers
-    loader = make_loader(dataset, batch_size, min(workers, max(0, len(dataset) // batch_size)))
-    xs: list[np.ndarray] = []
-    pos: list[np.ndarray] = []
-    bad: dict[int, str] = {}
+    Args:
+        trunk: images (B, 3, H, W) -> (B, D), frozen.
+        identity: what the features depend on; None disables the cache (and the ONNX engine).
+        cache: read and write the feature cache.
+    """
+    from finetune.engine import engine_key, make_engine
+
     start = time.perf_counter()
-    with progress_bar(description, total=len(dataset), unit="img") as bar:
-        for x, _, p, failed in loader:
-            bad.update(failed)
-            if x is not None:
-                x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
-                xs.append(trunk(x).float().cpu().numpy())  # (B, D)
-                pos.append(p.numpy())
-            bar.advance(len(failed) + (0 if x is None else len(x)))
-    seconds = time.perf_counter() - start
-    dim = xs[0].shape[1] if xs else 0
-    x_all = np.concatenate(xs) if xs else np.zeros((0, dim), np.float32)
-    p_all = np.concatenate(pos) if pos else np.zeros(0, np.int64)
-    labels = np.asarray([index.labels[i] for i in p_all], dtype=np.int64)
-    return Features(x_all.astype(np.float32, copy=False), p_all.astype(np.int64), labels, bad, seconds)
+    device = torch.device(device)
+    positions = [int(p) for p in positions]
+    use_cache = cache and identity is not None
+    store = FeatureCache(identity) if use_cache else None
+    keys = [file_key(index.absolute(p)) for p in positions] if store else []
+    found = store.lookup(keys) if store else {}
+    todo = [p for i, p in enumerate(positions) if i not in found]
+
+    rows: dict[int, np.ndarray] = {positions[i]: v for i, v in found.items()}
+    bad: dict[int, str] = {}
+    engine_name = "cache" if not todo else ""
+    if todo:
+        key = engine_key(identity.digest, preprocessing.input_size) if identity else None
+        engine = make_engine(trunk, key, preprocessing.input_size, device, log=log)
+        engine_name = engine.name
+        workers = default_workers() if workers is None else workers
+        x_new, p_new, bad = _run_engine(engine, index, todo, preprocessing, batch_size, workers, description)
+        rows.update({int(p): v for p, v in zip(p_new, x_new)})
+        if store is not None and len(p_new):
+            key_of = dict(zip(positions, keys))
+            store.store([key_of[int(p)] for p in p_new], x_new)
+
+    kept = [p for p in positions if p in rows]
+    dim = next(iter(rows.values())).shape[0] if rows else 0
+    x_all = np.stack([rows[p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
+    labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
+    return Features(x_all, np.asarray(kept, dtype=np.int64), labels, bad,
+                    time.perf_counter() - start, hits=len(found), engine=engine_name)

@@ -15,7 +15,7 @@ import torch
 from finetune.anatomy import build_trunk
 from finetune.errors import DataError
 from finetune.evaluate import classification_metrics
-from finetune.features import Features, extract, pick_device
+from finetune.features import FeatureIdentity, Features, extract, pick_device
 from finetune.heads import Classifier, FittedHead, fit_head, fold
 from finetune.pipeline import Outcome, RunContext
 
@@ -56,7 +56,7 @@ def evaluate_split(
     return metrics, rows
 
 
-def _extract_all(ctx: RunContext, trunk: torch.nn.Module, description: str) -> Features:
+def _extract_all(ctx: RunContext, trunk: torch.nn.Module, tap: str, description: str) -> Features:
     index = ctx.index
     positions = list(range(len(index.paths)))
     feats = extract(
@@ -68,7 +68,12 @@ def _extract_all(ctx: RunContext, trunk: torch.nn.Module, description: str) -> F
         workers=ctx.options.workers,
         device=pick_device(ctx.options.device),
         description=description,
+        identity=FeatureIdentity.of(ctx.backbone, tap, ctx.recipe.pool, ctx.preprocessing),
+        cache=ctx.options.cache,
+        log=ctx.log,
     )
+    if feats.hits:
+        ctx.log(f"feature cache: {feats.hits} of {len(positions)} images reused")
     ctx.bad.update(feats.bad)
     for pos, reason in sorted(feats.bad.items()):
         ctx.log(f"skipped {index.paths[pos]}: {reason}")
@@ -80,7 +85,7 @@ def linear_probe(ctx: RunContext) -> Outcome:
     recipe = ctx.recipe
     trunk = build_trunk(ctx.backbone.model, recipe.layer)
     t0 = time.perf_counter()
-    feats = _extract_all(ctx, trunk, f"features ({recipe.layer})")
+    feats = _extract_all(ctx, trunk, recipe.layer, f"features ({recipe.layer})")
     t1 = time.perf_counter()
     train = feats.subset(ctx.positions("train"))
     if len(train.x) == 0:
@@ -105,6 +110,8 @@ def linear_probe(ctx: RunContext) -> Outcome:
     metrics["timing"] = {
         "extract_s": round(t1 - t0, 3),
         "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+        "cache_hits": feats.hits,
+        "engine": feats.engine,
         "fit_s": round(t2 - t1, 3),
         "images": n,
     }

@@ -46,6 +46,18 @@ def write_images(folder: Path, k: int, n: int, size: int = 32, start: int = 0, e
     return out
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _private_cache(tmp_path_factory):
+    """Every test session gets its own feature/engine cache, never the user's."""
+    old = os.environ.get("FINETUNE_CACHE")
+    os.environ["FINETUNE_CACHE"] = str(tmp_path_factory.mktemp("finetune-cache"))
+    yield
+    if old is None:
+        os.environ.pop("FINETUNE_CACHE", None)
+    else:
+        os.environ["FINETUNE_CACHE"] = old
+
+
 @pytest.fixture
 def make_folder(tmp_path):
     """Factory: make_folder({"red": 6, "blue": 6}, size=32, layout="class"|"split", name="data")."""
