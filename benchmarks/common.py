@@ -1,0 +1,68 @@
+"""Real image folders for the benchmarks, built from packaged data (offline).
+
+    digits_folder()          # sklearn's 1,797 digits as PNG (the demo's folder)
+    photo_folder(n=600)      # crops of sklearn's two sample photos as JPEG files, 2 classes
+"""
+
+from __future__ import annotations
+
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+REFERENCE = ROOT.parent / "shared" / "reference" / "naive_probe.py"
+
+
+def digits_folder() -> Path:
+    from finetune.demo import digits_folder as make
+
+    return make()
+
+
+def photo_folder(n: int = 600, seed: int = 0) -> Path:
+    """n JPEG crops (150..420 px, random aspect) of china.jpg / flower.jpg, as two class folders."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    from finetune.paths import cache_root
+
+    target = cache_root() / "datasets" / f"sample-crops-{n}"
+    if (target / ".complete").exists():
+        return target
+    rng = np.random.default_rng(seed)
+    photos = load_sample_images().images  # two (427, 640, 3) uint8 photos
+    for k, (name, img) in enumerate(zip(("china", "flower"), photos)):
+        folder = target / name
+        folder.mkdir(parents=True, exist_ok=True)
+        h, w, _ = img.shape
+        for i in range(n // 2):
+            ch, cw = int(rng.integers(150, h)), int(rng.integers(150, min(w, 420)))
+            y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+            Image.fromarray(img[y0 : y0 + ch, x0 : x0 + cw]).save(folder / f"{i:04d}.jpg", quality=90)
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def timed(cmd: list[str], env: dict | None = None) -> tuple[float, str]:
+    """Wall time of a whole process, and its stdout+stderr."""
+    t0 = time.perf_counter()
+    out = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, **(env or {})})
+    dt = time.perf_counter() - t0
+    if out.returncode != 0:
+        sys.exit(f"command failed ({out.returncode}): {' '.join(cmd)}\n{out.stderr[-2000:]}")
+    return dt, out.stdout + out.stderr
+
+
+def median(xs: list[float]) -> float:
+    return statistics.median(xs)
+
+
+def row(name: str, ours: float, ref: float, unit: str, better: str = "higher") -> str:
+    ratio = ours / ref if ref else float("nan")
+    return f"{name:<28} ours {ours:10.2f} {unit:<6} reference {ref:10.2f} {unit:<6} ratio {ratio:6.2f}x ({better} is better)"
