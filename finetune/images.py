@@ -20,6 +20,8 @@ Decisions (the same in the fast tensor decoder of `fastio.py`):
 from __future__ import annotations
 
 import os
+import re
+import stat
 import warnings
 from pathlib import Path
 
@@ -44,10 +46,15 @@ class ImageError(Exception):
         self.reason = reason
 
 
+def is_litter(name: str) -> bool:
+    """Hidden files, macOS `._` resource forks, .DS_Store, Thumbs.db: never data, never worth a line."""
+    return name.startswith(".") or name.lower() in SYSTEM_FILES
+
+
 def is_image_name(path: str | os.PathLike) -> bool:
     """True for a name with an image extension that is not macOS/Windows litter."""
     name = os.path.basename(os.fspath(path))
-    if name.startswith("._") or name.lower() in SYSTEM_FILES:
+    if is_litter(name):
         return False
     return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
 
@@ -59,35 +66,41 @@ def check_pixels(width: int, height: int) -> None:
         raise ImageError(f"decompression bomb refused: {width}x{height} pixels is over the limit of {limit}")
 
 
-def probe(path: str | os.PathLike) -> tuple[int, int]:
-    """Read only the header: (width, height). Cheap; catches empty, non-image and bomb files."""
+def check_file(path: str | os.PathLike) -> None:
+    """Refuse what must never be opened: missing, broken or looping links, pipes/devices, empty files.
+
+    A FIFO named `x.jpg` would block `open()` forever, so the type is checked before any read.
+    """
     try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
+        st = os.stat(path)
+    except OSError as err:
+        if os.path.islink(path):
+            raise ImageError("broken or looping link") from None
+        raise ImageError(f"cannot read: {err.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise ImageError("not a regular file (a pipe, device or folder)")
+    if st.st_size == 0:
+        raise ImageError("empty file (0 bytes)")
+
+
+def _bomb_reason(err: Exception) -> str:
+    # Pillow says "exceeds limit of <2x MAX>" for errors; name the real limit instead.
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    size = f"{int(found.group(1)):,} pixels" if found else "the image"
+    return f"decompression bomb refused: {size} is over the limit of {Image.MAX_IMAGE_PIXELS:,}"
+
+
+def _open_checked(path: str | os.PathLike, decode: bool) -> tuple[int, int] | Image.Image:
+    """The one guarded path into Pillow: header (decode=False) or full RGB decode (decode=True)."""
+    check_file(path)
+    try:
+        # Between 1x and 2x MAX_IMAGE_PIXELS Pillow only warns; make that warning an error.
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as im:
                 check_pixels(*im.size)
-                return im.size
-    except ImageError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"decompression bomb refused: {err}") from None
-    except UnidentifiedImageError:
-        raise ImageError("not an image (unrecognized file format)") from None
-    except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(f"unreadable: {err}") from None
-
-
-def load_rgb(path: str | os.PathLike) -> Image.Image:
-    """Decode `path` fully into an RGB image, orientation applied. Raises `ImageError`."""
-    try:
-        if os.path.getsize(path) == 0:
-            raise ImageError("empty file (0 bytes)")
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
-                check_pixels(*im.size)
+                if not decode:
+                    return im.size
                 im.seek(0)  # animated GIF/WebP/APNG: the first frame
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
@@ -95,11 +108,23 @@ def load_rgb(path: str | os.PathLike) -> Image.Image:
     except ImageError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise ImageError(f"decompression bomb refused: {err}") from None
+        raise ImageError(_bomb_reason(err)) from None
     except UnidentifiedImageError:
         raise ImageError("not an image (unrecognized file format)") from None
     except (OSError, ValueError, SyntaxError, EOFError) as err:
-        raise ImageError(f"truncated or corrupt: {err}") from None
+        raise ImageError(f"{'truncated or corrupt' if decode else 'unreadable'}: {err}") from None
+    except Exception as err:  # noqa: BLE001 — a malformed file must never crash an epoch
+        raise ImageError(f"cannot decode ({type(err).__name__}: {err})") from None
+
+
+def probe(path: str | os.PathLike) -> tuple[int, int]:
+    """Read only the header: (width, height). Cheap; catches empty, non-image and bomb files."""
+    return _open_checked(path, decode=False)
+
+
+def load_rgb(path: str | os.PathLike) -> Image.Image:
+    """Decode `path` fully into an RGB image, orientation applied. Raises `ImageError`."""
+    return _open_checked(path, decode=True)
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
