@@ -9,6 +9,7 @@ head of a fine-tuned model sits on.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -17,6 +18,34 @@ from torch import nn
 from finetune.errors import BackboneError
 
 IMAGENET_CLASSES = 1000
+
+
+@dataclass(frozen=True)
+class Stage:
+    """A depth-ordered slice of a network: its name and the names of its parameters."""
+
+    name: str  # "stem", "stage1", ..., or "fc6"/"fc7" for AlexNet/VGG
+    params: tuple[str, ...]  # names as in model.named_parameters()
+
+    @property
+    def size(self) -> int:
+        return len(self.params)
+
+
+def stages(model: nn.Module) -> list[Stage]:
+    """The trainable layers of `model` (a trunk or a whole backbone) as stages, bottom -> top.
+
+    Every parameter belongs to exactly one stage. timm models use timm's own coarse
+    `group_matcher` (stem, one group per block stage, ...).
+    """
+    if hasattr(model, "group_matcher"):
+        from timm.models import group_parameters
+
+        groups = group_parameters(model, model.group_matcher(coarse=True))
+        ordered = [tuple(names) for _, names in sorted(groups.items())]
+        names = ["stem"] + [f"stage{i}" for i in range(1, len(ordered))]
+        return [Stage(n, p) for n, p in zip(names, ordered)]
+    raise BackboneError(f"no stage split known for {type(model).__name__}", "use a timm backbone")
 
 
 def _drop_last_linear(model: nn.Module) -> nn.Module:

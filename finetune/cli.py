@@ -111,6 +111,7 @@ def run(
     resume: Annotated[Path | None, typer.Option(help="Resume an interrupted fine-tuning run folder.")] = None,
     compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (fine-tuning).")] = False,
     seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")] = False,
 ) -> None:
     """Train and evaluate a classifier on DATA; write a run folder.
 
@@ -140,6 +141,7 @@ def run(
         labels_csv=labels,
         resume=resume,
         compile=compile_,
+        cache=not no_cache,
     )
     result = run_pipeline(opts, log=_log)
     print_run_summary(result)
