@@ -19,15 +19,17 @@ from functools import lru_cache
 from typing import Any
 
 from finetune.data import Preprocessing
-from finetune.errors import BackboneError
+from finetune.errors import BackboneError, WeightsError
 from finetune.weights import (
     WeightsInfo,
     apply_state,
+    hf_cache_dir,
     hub_cached_file,
     missing_weights_error,
     packaged_file,
     read_state_dict,
     sha256_file,
+    torch_hub_dir,
 )
 
 DEFAULT_BACKBONE = "lite0"
@@ -136,7 +138,8 @@ def resolve(name: str) -> BackboneSpec:
             close = difflib.get_close_matches(arch, _tv_names(), n=4, cutoff=0.5)
             raise BackboneError(
                 f"unknown torchvision model {arch!r}",
-                f"did you mean {', '.join('tv:' + c for c in close)}?" if close else "see `finetune backbones`",
+                f"did you mean {', '.join('tv:' + c for c in close)}?" if close
+                else "see `finetune backbones`",
             )
         return BackboneSpec(name=key, model=key, family="torchvision")
     import timm
@@ -146,28 +149,29 @@ def resolve(name: str) -> BackboneSpec:
     for spec in ALIASES.values():  # e.g. "tf_efficientnet_lite0" itself
         if spec.model == key:
             return spec
-    candidates = list(ALIASES) + list(_timm_names())
+    candidates = list(dict.fromkeys([*ALIASES, *_timm_names()]))
     close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.6)
     hint = f"did you mean {', '.join(close)}?" if close else "run `finetune backbones` for the list"
     raise BackboneError(f"unknown backbone {name!r}", hint)
 
 
-def _create_timm(spec: BackboneSpec, pretrained_file: str | None) -> Any:
+def _create_timm(spec: BackboneSpec, state: dict | None = None, origin: str = "") -> Any:
     import timm
 
     kwargs = dict(spec.kwargs)
-    if pretrained_file is None:
+    if state is None:
         return timm.create_model(spec.model, pretrained=False, **kwargs)
-    # The file is known to be in the hub cache: let timm apply its own key filters, offline.
-    old = os.environ.get("HF_HUB_OFFLINE")
-    os.environ["HF_HUB_OFFLINE"] = "1"
+    # The tensors were read by our own safe reader (no pickle) and are handed to timm as a state
+    # dict, so timm applies its own key filters (e.g. torchvision-format VGG) and never goes online.
+    overlay = {"state_dict": state, "source": "", "hf_hub_id": None, "url": ""}
     try:
-        return timm.create_model(spec.model, pretrained=True, **kwargs)
-    finally:
-        if old is None:
-            os.environ.pop("HF_HUB_OFFLINE", None)
-        else:
-            os.environ["HF_HUB_OFFLINE"] = old
+        return timm.create_model(spec.model, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except (RuntimeError, KeyError, ValueError) as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise WeightsError(
+            f"weights in {origin or 'the file'} do not fit {spec.model} ({first[:160]})",
+            "use weights made for this backbone, or --no-pretrained",
+        ) from None
 
 
 def _tv_weights(arch: str):
@@ -179,11 +183,19 @@ def _tv_weights(arch: str):
         return None
 
 
+# torchvision nets whose train mode returns named tuples through auxiliary heads: built without them.
+TV_KWARGS: dict[str, dict[str, Any]] = {
+    "googlenet": {"aux_logits": False, "init_weights": False},
+    "inception_v3": {"aux_logits": False, "init_weights": False},
+}
+
+
 def _create_torchvision(spec: BackboneSpec, with_weights: bool) -> Any:
     import torchvision
 
     weights = _tv_weights(spec.arch) if with_weights else None
-    return torchvision.models.get_model(spec.arch, weights=weights, **dict(spec.kwargs))
+    kwargs = {**TV_KWARGS.get(spec.arch, {}), **dict(spec.kwargs)}
+    return torchvision.models.get_model(spec.arch, weights=weights, **kwargs)
 
 
 def _create_builtin(spec: BackboneSpec) -> Any:
@@ -211,25 +223,32 @@ def _preprocessing_of(spec: BackboneSpec, model: Any) -> Preprocessing:
     return getattr(model, "preprocessing", Preprocessing())
 
 
-def _hub_location(spec: BackboneSpec, model: Any) -> tuple[str | None, str]:
-    """(cached file or None, where the file would go) for the hub cache of this model."""
+def _timm_cfg(spec: BackboneSpec) -> dict:
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg(spec.model)
+    return cfg.to_dict() if cfg is not None else {}
+
+
+def _hub_location(spec: BackboneSpec) -> tuple[str | None, str]:
+    """(cached file or None, where the file would go) in the framework's own hub cache."""
     if spec.source == "timm":
-        cfg = dict(model.pretrained_cfg)
+        cfg = _timm_cfg(spec)
         found = hub_cached_file(cfg)
         hf = cfg.get("hf_hub_id")
         if hf:
-            home = os.environ.get("HF_HOME", "~/.cache/huggingface")
-            hint = f"{home}/hub (Hugging Face repo {hf}, file model.safetensors)"
+            hint = (f"{hf_cache_dir()}/models--{hf.replace('/', '--')}/snapshots/<rev>/model.safetensors "
+                    f"(e.g. `hf download {hf}` where there is network, then copy the cache)")
+        elif cfg.get("url"):
+            hint = os.path.join(torch_hub_dir(), "checkpoints", os.path.basename(cfg["url"]))
         else:
-            hint = "the torch hub cache"
+            hint = "nowhere (timm publishes no weights for it)"
         return found, hint
     if spec.source == "torchvision":
-        import torch.hub
-
         w = _tv_weights(spec.arch)
         if w is None:
             return None, "nowhere (torchvision publishes no weights for it)"
-        path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(w.url))
+        path = os.path.join(torch_hub_dir(), "checkpoints", os.path.basename(w.url))
         return (path if os.path.isfile(path) else None), path
     return None, "nowhere (no published weights)"
 
@@ -240,17 +259,8 @@ def weights_status(spec: BackboneSpec) -> str:
         return "none published"
     if spec.source == "timm" and packaged_file(spec.model) is not None:
         return "packaged"
-    if spec.source == "torchvision":
-        found, _ = _hub_location(spec, None)
-        return "cached" if found else "not available offline"
-    if spec.source == "timm":
-        import timm
-
-        cfg = timm.models.get_pretrained_cfg(spec.model)
-        if cfg is None:
-            return "not available offline"
-        return "cached" if hub_cached_file(cfg.to_dict()) else "not available offline"
-    return "not available offline"
+    found, _ = _hub_location(spec)
+    return "cached" if found else "not available offline"
 
 
 def build(
@@ -273,17 +283,34 @@ def build(
     return Backbone(spec=spec, model=model, preprocessing=_preprocessing_of(spec, model), weights=info)
 
 
+def _load_file(spec: BackboneSpec, bare, weights_file, weights_map: str):
+    """A model with the tensors of `weights_file`, matched by name (or by position when asked)."""
+    state = read_state_dict(weights_file)
+    model = bare()
+    try:
+        apply_state(model, state, mapping=weights_map)
+    except WeightsError:
+        if spec.source != "timm" or weights_map != "name":
+            raise
+        # A checkpoint in another layout (torchvision's VGG for timm's VGG): timm's own filter may map it.
+        try:
+            return _create_timm(spec, state, os.fspath(weights_file))
+        except WeightsError:
+            pass
+        raise
+    return model
+
+
 def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map: str):
     def bare():
         if spec.source == "timm":
-            return _create_timm(spec, None)
+            return _create_timm(spec)
         if spec.source == "torchvision":
             return _create_torchvision(spec, with_weights=False)
         return _create_builtin(spec)
 
     if weights_file is not None:
-        model = bare()
-        apply_state(model, read_state_dict(weights_file), mapping=weights_map)
+        model = _load_file(spec, bare, weights_file, weights_map)
         return model, WeightsInfo("file", str(weights_file), sha256_file(weights_file))
     if not pretrained:
         return bare(), WeightsInfo("random")
@@ -294,12 +321,11 @@ def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map
             model = bare()
             apply_state(model, read_state_dict(path), mapping=provider.mapping)
             return model, WeightsInfo("packaged", path, sha256_file(path))
-    model = bare()
-    found, hint = _hub_location(spec, model)
+    found, hint = _hub_location(spec)
     if found is None:
         raise missing_weights_error(spec.name, hint)
     if spec.source == "timm":
-        model = _create_timm(spec, found)
+        model = _create_timm(spec, read_state_dict(found), found)
     else:
         model = _create_torchvision(spec, with_weights=True)
     return model, WeightsInfo("hub-cache", found, sha256_file(found))
@@ -307,3 +333,101 @@ def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map
 
 def num_parameters(model: Any) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+# --------------------------------------------------------------------------- the `backbones` command
+
+
+def _meta_model(spec: BackboneSpec) -> Any:
+    """The architecture without weights or memory (meta device); on CPU where meta cannot build it."""
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build(spec, pretrained=False).model
+    except (NotImplementedError, RuntimeError):
+        return build(spec, pretrained=False).model
+
+
+def catalogue_rows() -> list[dict]:
+    """One row per alias: name, family, model, parameters, input size, weights status.
+
+    Parameters are counted on the meta device (no memory, no weights): about 0.1 s per network.
+    """
+    rows = []
+    for spec in ALIASES.values():
+        model = _meta_model(spec)
+        pre = _preprocessing_of(spec, model)
+        rows.append({
+            "name": spec.name,
+            "family": spec.family,
+            "model": spec.model,
+            "params": num_parameters(model),
+            "input": pre.input_size,
+            "min_input": spec.min_input,
+            "weights": weights_status(spec),
+        })
+    return rows
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.1f}M"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+             for r in [header, *rows]]
+    return "\n".join(lines)
+
+
+def catalogue_text() -> str:
+    """The `finetune backbones` table, plus where weights come from."""
+    rows = [[r["name"], r["family"], r["model"], _millions(r["params"]), str(r["input"]), r["weights"]]
+            for r in catalogue_rows()]
+    table = _table(["name", "family", "model", "params", "input", "weights"], rows)
+    return (f"{table}\n\nAny timm name (resnet50d, vgg16.tv_in1k) or torchvision name (tv:alexnet) works too."
+            "\n"
+            "Weights, in order: --weights FILE, packaged, hub cache "
+            f"({hf_cache_dir()}, {torch_hub_dir()}/checkpoints); --no-pretrained for random init.")
+
+
+def describe(
+    name: str, show_taps: bool = False, show_stages: bool = False, input_size: int | None = None
+) -> str:
+    """What `finetune backbones NAME` prints: the row, and optionally taps with shapes or stages with sizes.
+
+    Raises:
+        BackboneError: unknown name (with suggestions).
+    """
+    from finetune import anatomy
+
+    spec = resolve(name)
+    model = _meta_model(spec)
+    pre = _preprocessing_of(spec, model)
+    size = max(input_size or pre.input_size, spec.min_input)
+    found, where = _hub_location(spec)
+    status = weights_status(spec)
+    if found:
+        status += f" ({found})"
+    elif spec.has_weights and status != "packaged":
+        status += f"; hub cache: {where}"
+    params = _millions(num_parameters(model))
+    lines = [
+        f"{spec.name}: {spec.model} ({spec.family or spec.source}), {params} parameters",
+        f"input {pre.input_size} px (min {spec.min_input}), crop {pre.crop_pct:g}, mean {pre.mean}, "
+        f"std {pre.std}, {pre.interpolation}",
+        f"weights: {status}",
+    ]
+    if spec.notes:
+        lines.append(f"notes: {spec.notes}")
+    if show_taps:
+        shapes = anatomy.tap_shapes(model, size)
+        lines.append(f"\ntaps at {size} px (unpooled output shape):")
+        lines.append(_table(["tap", "shape"], [[t, " x ".join(map(str, s))] for t, s in shapes.items()]))
+    if show_stages:
+        sizes = dict((n, p.numel()) for n, p in model.named_parameters())
+        rows = [[s.name, str(s.size), f"{sum(sizes[p] for p in s.params):,}"] for s in anatomy.stages(model)]
+        lines.append("\nstages, bottom -> top:")
+        lines.append(_table(["stage", "tensors", "params"], rows))
+    return "\n".join(lines)

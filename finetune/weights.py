@@ -7,8 +7,11 @@
 
 Usage::
 
-    info = load_weights(model, spec, weights_file=None, pretrained=True)
-    info.source, info.sha256       # recorded in the run's config.json
+    state = read_state_dict("resnet18.safetensors")   # tensors only; a pickle with code is refused
+    apply_state(model, state, mapping="name")         # strict, shape-checked, one-line errors
+    hub_cached_file(timm_cfg)                         # a path in HF_HOME / TORCH_HOME, or None
+
+`backbones.build` runs this order and records WeightsInfo(source, path, sha256) in the run.
 """
 
 from __future__ import annotations
@@ -91,7 +94,8 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]  # common checkpoint wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path.name} holds no state dict of tensors", "save it with torch.save(model.state_dict())")
+        raise WeightsError(f"{path.name} holds no state dict of tensors",
+                           "save it with torch.save(model.state_dict())")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
@@ -105,7 +109,7 @@ def map_positional(model, state: dict) -> dict:
             "check that the file was made for this backbone",
         )
     out = {}
-    for (name, ref), (src_name, t) in zip(names, tensors):
+    for (name, ref), (src_name, t) in zip(names, tensors, strict=True):
         if tuple(ref.shape) != tuple(t.shape):
             raise WeightsError(
                 f"weights do not fit: {src_name} {tuple(t.shape)} would map onto {name} {tuple(ref.shape)}",
@@ -168,24 +172,42 @@ def packaged_file(model_name: str) -> tuple[PackagedWeights, str] | None:
     return (provider, path) if os.path.isfile(path) else None
 
 
+def hf_cache_dir() -> str:
+    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it at import)."""
+    if os.environ.get("HF_HUB_CACHE"):
+        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
+    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
+    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
+    return os.path.join(os.path.expanduser(home), "hub")
+
+
+def torch_hub_dir() -> str:
+    """The torch hub folder (`$TORCH_HOME/hub`); its `checkpoints/` holds downloaded weights."""
+    import torch.hub
+
+    return torch.hub.get_dir()
+
+
 def hub_cached_file(pretrained_cfg: dict) -> str | None:
-    """The local file a timm/torchvision model would load, if it is already in the cache."""
+    """The local file a timm/torchvision model would load, if it is already in the cache.
+
+    Found by file lookup only (`try_to_load_from_cache`, the torch hub checkpoints folder):
+    nothing is downloaded, nothing is loaded.
+    """
     hf_id = pretrained_cfg.get("hf_hub_id")
     if hf_id:
         try:
             from huggingface_hub import try_to_load_from_cache
 
-            for fname in ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin"):
-                found = try_to_load_from_cache(hf_id, fname)
+            for fname in ("model.safetensors", "pytorch_model.bin"):
+                found = try_to_load_from_cache(hf_id, fname, cache_dir=hf_cache_dir())
                 if isinstance(found, str) and os.path.isfile(found):
                     return found
         except ImportError:
             pass
     url = pretrained_cfg.get("url")
     if url:
-        import torch.hub
-
-        path = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(url)
+        path = Path(torch_hub_dir()) / "checkpoints" / os.path.basename(url)
         if path.is_file():
             return str(path)
     return None

@@ -1,0 +1,160 @@
+"""The catalogue: names, weights resolution in order, offline errors, and the `backbones` command."""
+
+from __future__ import annotations
+
+import os
+import pickle
+
+import pytest
+import torch
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from finetune.backbones import ALIASES, build, resolve, weights_status
+from finetune.cli import app
+from finetune.errors import BackboneError, WeightsError
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def empty_hubs(tmp_path, monkeypatch):
+    """No network weights anywhere: empty TORCH_HOME and HF_HOME."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return tmp_path
+
+
+def _one_error_line(result) -> str:
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_aliases_never_shadow_timm_names():
+    import timm
+
+    for name, spec in ALIASES.items():
+        assert resolve(name) is spec
+        if timm.is_model(name):  # an alias that is a timm name means exactly that timm model
+            assert spec.source == "timm" and spec.arch == name, name
+    assert resolve("resnet50d").model == "resnet50d"
+    assert resolve("tv:alexnet").source == "torchvision"
+
+
+def test_unknown_names_get_suggestions():
+    with pytest.raises(BackboneError, match="did you mean.*resnet18"):
+        resolve("resnt18")
+    with pytest.raises(BackboneError, match="tv:alexnet"):
+        resolve("tv:alexnt")
+    line = _one_error_line(runner.invoke(app, ["backbones", "resnt18"]))
+    assert "did you mean" in line and line.split("did you mean ")[1].split(", ").count("resnet18") == 1
+
+
+def test_backbones_table_lists_every_alias():
+    result = runner.invoke(app, ["backbones"])
+    assert result.exit_code == 0, result.output
+    rows = {ln.split()[0]: ln for ln in result.output.splitlines() if ln.strip()}
+    for name in ALIASES:
+        assert name in rows
+    assert "packaged" in rows["lite0"]
+    assert "61.1M" in rows["alexnet"] and "138.4M" in rows["vgg16"]  # published counts, in millions
+    assert "none published" in rows["zfnet"]
+
+
+def test_backbones_taps_and_stages():
+    result = runner.invoke(app, ["backbones", "resnet18", "--taps", "--stages", "--input-size", "64"])
+    assert result.exit_code == 0, result.output
+    out = result.output
+    # 64 px: stem /4 -> 16, then 16, 8, 4, 2; widths 64, 64, 128, 256, 512.
+    for line in ("stem    64 x 16 x 16", "stage2  128 x 8 x 8", "stage4  512 x 2 x 2", "pool    512"):
+        assert line in out
+    # stem: 7x7x3x64 conv + 64-channel batch norm (weight, bias) = 9408 + 128.
+    assert "9,536" in out and "513,000" in out  # head: 512 * 1000 + 1000
+
+
+def test_state_dict_and_safetensors_load_through_weights(tmp_path):
+    torch.manual_seed(0)
+    src = build("test_resnet", pretrained=False).model
+    state = {k: v.clone() for k, v in src.state_dict().items()}
+    save_file(state, str(tmp_path / "w.safetensors"))
+    torch.save(state, tmp_path / "w.pt")
+    for f in ("w.safetensors", "w.pt"):
+        bb = build("test_resnet", weights_file=tmp_path / f)
+        assert bb.weights.source == "file" and len(bb.weights.sha256) == 64
+        for k, v in bb.model.state_dict().items():
+            torch.testing.assert_close(v, state[k])
+    # Other names, same order and shapes: refused by name, accepted when positional is asked for.
+    # (A torch file keeps the dict order; safetensors reorders tensors by dtype, so no position there.)
+    torch.save({f"x{i}": v for i, v in enumerate(state.values())}, tmp_path / "renamed.pt")
+    with pytest.raises(WeightsError, match="positional"):
+        build("test_resnet", weights_file=tmp_path / "renamed.pt")
+    bb = build("test_resnet", weights_file=tmp_path / "renamed.pt", weights_map="positional")
+    torch.testing.assert_close(bb.model.conv1[0].weight, state["conv1.0.weight"])
+
+
+def test_mismatched_shapes_and_pickles_are_refused_in_one_line(tmp_path, make_folder):
+    data = make_folder({"a": 3, "b": 3}, size=32)
+    state = build("test_resnet", pretrained=False).model.state_dict()
+    state["fc.weight"] = torch.zeros(3, 3)
+    save_file({k: v.contiguous() for k, v in state.items()}, str(tmp_path / "bad.safetensors"))
+    bad = str(tmp_path / "bad.safetensors")
+    args = ["run", str(data), "--backbone", "test_resnet", "--weights", bad, "-o", str(tmp_path / "runs")]
+    line = _one_error_line(runner.invoke(app, args))
+    assert "fc.weight" in line and "do not fit" in line
+
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Evil()}))
+    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "test_resnet", "--weights",
+                                                str(tmp_path / "evil.pt"), "-o", str(tmp_path / "runs")]))
+    assert "refused" in line
+    assert not marker.exists()
+
+
+def test_no_offline_weights_names_every_remedy(empty_hubs, make_folder):
+    data = make_folder({"a": 3, "b": 3}, size=32)
+    assert weights_status(resolve("vgg16")) == "not available offline"
+    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "vgg16",
+                                                "-o", str(empty_hubs / "runs")]))
+    assert "--weights FILE" in line and "--no-pretrained" in line
+    assert str(empty_hubs / "hf") in line and "timm/vgg16.tv_in1k" in line
+    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "tv:alexnet",
+                                                "-o", str(empty_hubs / "runs")]))
+    assert str(empty_hubs / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in line
+
+
+def test_weights_found_in_the_hugging_face_cache_by_file_lookup(empty_hubs):
+    """A file placed where the hub would cache it is found and loaded, with no network call."""
+    import timm
+
+    cfg = timm.models.get_pretrained_cfg("resnet18").to_dict()
+    torch.manual_seed(1)
+    state = build("resnet18", pretrained=False).model.state_dict()
+    repo = empty_hubs / "hf" / "hub" / f"models--{cfg['hf_hub_id'].replace('/', '--')}"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    target = repo / "snapshots" / "abc123" / "model.safetensors"
+    save_file({k: v.contiguous() for k, v in state.items()}, str(target))
+    assert weights_status(resolve("resnet18")) == "cached"
+    bb = build("resnet18")
+    assert bb.weights.source == "hub-cache"
+    torch.testing.assert_close(bb.model.fc.weight, state["fc.weight"])
+
+
+def test_run_with_a_weights_file_works_offline(empty_hubs, make_folder, tmp_path):
+    data = make_folder({"a": 4, "b": 4}, size=32)
+    torch.manual_seed(2)
+    save_file(build("resnet18", pretrained=False).model.state_dict(), str(tmp_path / "r18.safetensors"))
+    result = runner.invoke(app, ["run", str(data), "--backbone", "resnet18", "--weights",
+                                 str(tmp_path / "r18.safetensors"), "--set", "image_size=64",
+                                 "-o", str(tmp_path / "runs"), "--no-cache"])
+    assert result.exit_code == 0, result.output
