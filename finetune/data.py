@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from finetune.errors import DataError
-from finetune.images import ImageError, is_image_name, load_rgb, probe
+from finetune.images import ImageError, is_image_name, is_litter, load_rgb, probe
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -180,8 +180,8 @@ def _walk_class(folder: Path, root: Path, found: _Found) -> list[str]:
         for name in sorted(filenames):
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
-            if name.startswith(".") and not name.startswith("._"):
-                continue  # hidden files: never data, never worth a line
+            if is_litter(name):
+                continue  # hidden files, macOS ._ forks, Thumbs.db: never data, never worth a line
             if not is_image_name(name):
                 found.ignored.append(Problem(rel, "not an image file name"))
                 continue
@@ -200,7 +200,9 @@ def _walk_class(folder: Path, root: Path, found: _Found) -> list[str]:
 def _scan_classes(folder: Path, root: Path, split: str, found: _Found) -> None:
     for entry in _visible_entries(folder):
         rel = Path(entry.path).relative_to(root).as_posix()
-        if _is_dir(entry):
+        if _is_dir(entry) and _links_to_ancestor(Path(entry.path)):
+            found.ignored.append(Problem(rel, "link loop (points to a folder above it): not followed"))
+        elif _is_dir(entry):
             images = _walk_class(Path(entry.path), root, found)
             if images:
                 found.files[(split, entry.name)] = images
@@ -208,8 +210,16 @@ def _scan_classes(folder: Path, root: Path, split: str, found: _Found) -> None:
                 found.warnings.append(f"class folder {rel}/ has no usable images: not a class")
         elif is_image_name(entry.name):
             found.ignored.append(Problem(rel, "image outside any class folder: not used"))
-        elif entry.name.lower() not in {"thumbs.db", "desktop.ini"}:
+        elif not is_litter(entry.name):
             found.ignored.append(Problem(rel, "not in a class folder"))
+
+
+def _links_to_ancestor(path: Path) -> bool:
+    """A symlinked folder that points to itself or a folder above it would list the data twice."""
+    if not path.is_symlink():
+        return False
+    target = path.resolve()
+    return target == path.parent.resolve() or target in path.parent.resolve().parents
 
 
 def _detect_splits(root: Path) -> dict[str, Path]:
@@ -427,17 +437,90 @@ class _GuardAspect:
         return im.crop((0, top, w, top + keep))
 
 
+class PilRead:
+    """path -> tensor through Pillow: `transform(load_rgb(path))` (a class, so workers can pickle it)."""
+
+    def __init__(self, transform: Callable) -> None:
+        self.transform = transform
+
+    def __call__(self, path: str | os.PathLike):
+        return self.transform(load_rgb(path))
+
+
+@dataclass(frozen=True)
+class Decoder:
+    """One way of turning a file into pixels; every decoder obeys the rules of `images.py`."""
+
+    name: str
+    summary: str
+    decode: Callable  # path -> RGB pixels (PIL image or (3, H, W) uint8 tensor); raises ImageError
+    eval_reader: Callable  # Preprocessing -> (path -> normalized (3, S, S) tensor)
+
+
+def _pil_decode(path):
+    return load_rgb(path)
+
+
+def _pil_eval_reader(pre: Preprocessing) -> PilRead:
+    return PilRead(eval_transform(pre))
+
+
+def _fast_decode(path):
+    from finetune.fastio import decode
+
+    return decode(path)
+
+
+def _fast_eval_reader(pre: Preprocessing):
+    from finetune.fastio import fast_eval_transform
+
+    return fast_eval_transform(pre)
+
+
+DECODERS: dict[str, Decoder] = {
+    "pil": Decoder("pil", "Pillow decode + PIL resize (the reference)", _pil_decode, _pil_eval_reader),
+    "fast": Decoder("fast", "torchvision decode, tensor resize", _fast_decode, _fast_eval_reader),
+}
+# Feature extraction reads with the fast decoder: tests/test_fastio.py holds it to the Pillow
+# reference (mean |diff| <= 0.01 after normalization, same top-1 on >= 99% of real images).
+DEFAULT_DECODER = "fast"
+
+
+def get_decoder(name: str | None = None) -> Decoder:
+    """The named decoder; None -> $FINETUNE_DECODER, else DEFAULT_DECODER."""
+    name = name or os.environ.get("FINETUNE_DECODER") or DEFAULT_DECODER
+    if name not in DECODERS:
+        raise DataError(f"unknown decoder {name!r}", f"use one of: {', '.join(DECODERS)}")
+    return DECODERS[name]
+
+
+def eval_reader(pre: Preprocessing, decoder: str | None = None) -> Callable:
+    """path -> normalized (3, S, S) tensor with `pre`, by the named (or default) decoder."""
+    return get_decoder(decoder).eval_reader(pre)
+
+
 class ImageDataset:
     """Map-style dataset over a `DatasetIndex`; a file that fails to decode yields `None` and its reason.
 
     Items are `(tensor | None, label, position, reason)`; `collate_skipping` drops the `None`s
     so one bad file never crashes an epoch, and the caller learns which position failed.
+    Give either `transform` (PIL RGB image -> tensor, decoded by Pillow) or `read`
+    (path -> tensor, e.g. `eval_reader(pre)`, which may use the fast decoder).
     """
 
-    def __init__(self, index: DatasetIndex, positions: Sequence[int], transform: Callable) -> None:
+    def __init__(
+        self,
+        index: DatasetIndex,
+        positions: Sequence[int],
+        transform: Callable | None = None,
+        read: Callable | None = None,
+    ) -> None:
+        if (transform is None) == (read is None):
+            raise TypeError("ImageDataset needs exactly one of transform= and read=")
         self.index = index
         self.positions = list(positions)
         self.transform = transform
+        self.read = read if read is not None else PilRead(transform)
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -445,7 +528,7 @@ class ImageDataset:
     def __getitem__(self, i: int):
         pos = self.positions[i]
         try:
-            x = self.transform(load_rgb(self.index.absolute(pos)))
+            x = self.read(self.index.absolute(pos))
         except ImageError as err:
             return None, self.index.labels[pos], pos, err.reason
         return x, self.index.labels[pos], pos, ""

@@ -23,6 +23,7 @@ import os
 import re
 import stat
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -90,7 +91,22 @@ def _bomb_reason(err: Exception) -> str:
     return f"decompression bomb refused: {size} is over the limit of {Image.MAX_IMAGE_PIXELS:,}"
 
 
-def _open_checked(path: str | os.PathLike, decode: bool) -> tuple[int, int] | Image.Image:
+@dataclass(frozen=True)
+class ImageHeader:
+    """What a file's header says, read without decoding pixels."""
+
+    width: int
+    height: int
+    format: str  # Pillow's name: "JPEG", "PNG", "GIF", ...
+    mode: str  # Pillow's mode: "RGB", "L", "CMYK", "P", "RGBA", "I;16", ...
+    transparency: bool  # a tRNS chunk or GIF transparency (composited over white on decode)
+
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.width, self.height
+
+
+def _open_checked(path: str | os.PathLike, decode: bool) -> ImageHeader | Image.Image:
     """The one guarded path into Pillow: header (decode=False) or full RGB decode (decode=True)."""
     check_file(path)
     try:
@@ -100,7 +116,9 @@ def _open_checked(path: str | os.PathLike, decode: bool) -> tuple[int, int] | Im
             with Image.open(path) as im:
                 check_pixels(*im.size)
                 if not decode:
-                    return im.size
+                    # (n_frames is not asked for: it walks every frame of an animation)
+                    w, h = im.size
+                    return ImageHeader(w, h, str(im.format), im.mode, "transparency" in im.info)
                 im.seek(0)  # animated GIF/WebP/APNG: the first frame
                 im.load()
                 im = ImageOps.exif_transpose(im) or im
@@ -119,6 +137,11 @@ def _open_checked(path: str | os.PathLike, decode: bool) -> tuple[int, int] | Im
 
 def probe(path: str | os.PathLike) -> tuple[int, int]:
     """Read only the header: (width, height). Cheap; catches empty, non-image and bomb files."""
+    return read_header(path).size
+
+
+def read_header(path: str | os.PathLike) -> ImageHeader:
+    """Read only the header: size, format, mode. Raises `ImageError` like `probe`."""
     return _open_checked(path, decode=False)
 
 
