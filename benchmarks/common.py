@@ -66,3 +66,30 @@ def median(xs: list[float]) -> float:
 def row(name: str, ours: float, ref: float, unit: str, better: str = "higher") -> str:
     ratio = ours / ref if ref else float("nan")
     return f"{name:<28} ours {ours:10.2f} {unit:<6} reference {ref:10.2f} {unit:<6} ratio {ratio:6.2f}x ({better} is better)"
+
+
+def split_folder(source: Path, val_fraction: float = 0.2, seed: int = 0) -> Path:
+    """A train/ val/ copy of a class-folder dataset, so that both tools see the very same split."""
+    import shutil
+
+    from finetune.data import scan
+
+    target = source.with_name(source.name + "-split")
+    if (target / ".complete").exists():
+        return target
+    index = scan(source, val_fraction=val_fraction, seed=seed)
+    for rel, split in zip(index.paths, index.splits):
+        dst = target / split / rel
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source / rel, dst)
+    (target / ".complete").write_text("ok\n")
+    return target
+
+
+def finetune_cmd(*args: str) -> list[str]:
+    """The installed CLI, run by this interpreter (the same environment as the benchmark)."""
+    return [sys.executable, "-m", "finetune", *args]
+
+
+def parse_kv(line: str) -> dict[str, str]:
+    return dict(part.split("=", 1) for part in line.split() if "=" in part)

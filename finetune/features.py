@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from finetune.data import DatasetIndex, ImageDataset, Preprocessing, default_workers, eval_transform, make_loader
+from finetune.data import DatasetIndex, ImageDataset, Preprocessing, default_workers, eval_reader, make_loader
 from finetune.paths import cache_root
 from finetune.progress import progress_bar
 
@@ -46,6 +46,7 @@ class Features:
     seconds: float = 0.0  # wall time of the extraction phase
     hits: int = 0  # rows served from the cache
     engine: str = ""
+    shape: tuple[int, ...] = ()  # one row's shape before flattening: (D,) pooled, (C, H, W) unpooled
 
     def subset(self, positions: Sequence[int]) -> Features:
         """Rows for `positions` (those that decoded), in that order."""
@@ -78,6 +79,7 @@ class FeatureIdentity:
     pool: str
     preprocessing: tuple  # Preprocessing as a sorted tuple of items
     versions: tuple  # (name, version) of torch, torchvision, timm, pillow
+    decoder: str = ""  # which decoder made the pixels (data.DECODERS)
 
     @classmethod
     def of(cls, backbone, tap: str, pool: str, preprocessing: Preprocessing) -> FeatureIdentity | None:
@@ -90,7 +92,9 @@ class FeatureIdentity:
         v = versions()
         libs = tuple((k, v.get(k, "")) for k in ("torch", "torchvision", "timm", "pillow"))
         pre = tuple(sorted((k, json.dumps(val)) for k, val in preprocessing.to_dict().items()))
-        return cls(backbone.spec.model, sha, tap, pool, pre, libs)
+        from finetune.data import get_decoder
+
+        return cls(backbone.spec.model, sha, tap, pool, pre, libs, get_decoder().name)
 
     @property
     def digest(self) -> str:
@@ -200,7 +204,7 @@ def cache_clear(root: Path | None = None) -> int:
 
 def _run_engine(engine, index: DatasetIndex, positions: Sequence[int], preprocessing: Preprocessing,
                 batch_size: int, workers: int, description: str):
-    dataset = ImageDataset(index, positions, eval_transform(preprocessing))
+    dataset = ImageDataset(index, positions, read=eval_reader(preprocessing))  # fast decoder by default
     loader = make_loader(dataset, batch_size, min(workers, max(0, len(dataset) // batch_size)))
     xs: list[np.ndarray] = []
     pos: list[np.ndarray] = []
@@ -268,3 +272,119 @@ def extract(
     labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
     return Features(x_all, np.asarray(kept, dtype=np.int64), labels, bad,
                     time.perf_counter() - start, hits=len(found), engine=engine_name)
+
+
+# --------------------------------------------------------------------------- several taps, one pass
+
+
+class _Tuple(nn.Module):
+    """A one-tap trunk with the multi-tap interface: forward returns a 1-tuple."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.trunk(x),)
+
+
+class _Concat(nn.Module):
+    """Several taps from one forward, as one (B, sum D_i) tensor: engines and caches see one output."""
+
+    def __init__(self, multi: nn.Module) -> None:
+        super().__init__()
+        self.multi = multi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.flatten(1) for t in self.multi(x)], dim=1)  # (B, sum D_i)
+
+
+@torch.no_grad()
+def _tap_shapes(multi: nn.Module, input_size: int) -> list[tuple[int, ...]]:
+    was = multi.training
+    multi.eval()
+    outs = multi(torch.zeros(1, 3, input_size, input_size))
+    multi.train(was)
+    return [tuple(o.shape[1:]) for o in outs]
+
+
+def extract_taps(
+    backbone,
+    taps: Sequence[str],
+    pool: str,
+    index: DatasetIndex,
+    positions: Sequence[int],
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    cache: bool = True,
+    log=None,
+    description: str = "extracting features",
+) -> dict[str, Features]:
+    """Features of several taps of `backbone` from one pass over the images, cached per tap.
+
+    Args:
+        backbone: a `backbones.Backbone` (its model is not modified).
+        taps: tap names (see `anatomy.taps`), in the order wanted.
+        pool: "avg" or "max" (pooled (N, D) rows), or "none" (flattened maps; never cached).
+
+    Returns:
+        {tap: Features}, every one with the same positions; `Features.shape` of a "none" tap is
+        the unpooled (C, H, W).
+    """
+    import copy
+
+    from finetune.anatomy import build_trunk
+    from finetune.engine import engine_key, make_engine
+
+    start = time.perf_counter()
+    taps = list(dict.fromkeys(taps))
+    positions = [int(p) for p in positions]
+    idents = {t: FeatureIdentity.of(backbone, t, pool, preprocessing) for t in taps}
+    use_cache = cache and pool != "none" and all(i is not None for i in idents.values())
+    stores = {t: FeatureCache(idents[t]) for t in taps} if use_cache else {}
+    keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []
+    found = {t: stores[t].lookup(keys) for t in taps} if use_cache else {t: {} for t in taps}
+    todo = [p for i, p in enumerate(positions) if any(i not in found[t] for t in taps)]
+
+    rows: dict[str, dict[int, np.ndarray]] = {t: {positions[i]: v for i, v in found[t].items()} for t in taps}
+    bad: dict[int, str] = {}
+    engine_name, shapes = "cache", None
+    if todo:
+        model = copy.deepcopy(backbone.model)
+        # One tap: the plain cut network (cheapest, exports cleanly); several: one pass with hooks.
+        if len(taps) == 1:
+            multi = _Tuple(build_trunk(model, taps[0], pool))
+        else:
+            from finetune.anatomy import build_multi_trunk
+
+            multi = build_multi_trunk(model, taps, pool)
+        shapes = _tap_shapes(multi, preprocessing.input_size)
+        # The exported engine is keyed like the cache (weights fingerprint), with or without caching.
+        fingerprinted = all(i is not None for i in idents.values())
+        digest = "+".join(i.digest for i in idents.values()) if fingerprinted else None
+        key = engine_key(digest, preprocessing.input_size) if digest else None
+        engine = make_engine(_Concat(multi), key, preprocessing.input_size, torch.device(device), log=log)
+        engine_name = engine.name
+        workers = default_workers() if workers is None else workers
+        x_new, p_new, bad = _run_engine(engine, index, todo, preprocessing, batch_size, workers, description)
+        bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+        key_of = dict(zip(positions, keys)) if use_cache else {}
+        for k, t in enumerate(taps):
+            block = x_new[:, bounds[k]:bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
+            missing = [r for r, p in enumerate(p_new) if int(p) not in rows[t]]
+            rows[t].update({int(p_new[r]): block[r] for r in missing})
+            if use_cache and missing:
+                stores[t].store([key_of[int(p_new[r])] for r in missing], block[missing])
+
+    seconds = time.perf_counter() - start
+    kept = [p for p in positions if all(p in rows[t] for t in taps)]
+    labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
+    out: dict[str, Features] = {}
+    for k, t in enumerate(taps):
+        dim = next(iter(rows[t].values())).shape[0] if rows[t] else 0
+        x = np.stack([rows[t][p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
+        out[t] = Features(x, np.asarray(kept, dtype=np.int64), labels, dict(bad), seconds,
+                          hits=len(found[t]), engine=engine_name, shape=shapes[k] if shapes else (dim,))
+    return out

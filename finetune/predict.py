@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from finetune.errors import DataError
-from finetune.images import ImageError, is_image_name, load_rgb
+from finetune.images import ImageError, is_image_name
 
 
 @dataclass
@@ -46,19 +46,24 @@ def expand_paths(paths: list[str | os.PathLike]) -> list[Path]:
 
 
 def _load_model(run_dir: str | os.PathLike | None, runs_root: str | os.PathLike):
-    """(model, transform, class names, source text, score kind)."""
+    """(model, read: path -> tensor, class names, source text, score kind).
+
+    Files are read by the same decoder as feature extraction (`data.eval_reader`), so a run's
+    own predictions and `predict` agree.
+    """
+    from finetune.data import eval_reader
     from finetune.runs import latest_run, load_run, read_config
 
     chosen = Path(run_dir) if run_dir is not None else latest_run(runs_root)
     if chosen is not None:
-        model, transform, names = load_run(chosen)
-        kind = "probability" if read_config(chosen).probabilistic else "score"
-        return model, transform, names, str(chosen), kind
+        model, _, names = load_run(chosen)
+        config = read_config(chosen)
+        kind = "probability" if config.probabilistic else "score"
+        return model, eval_reader(config.preprocessing), names, str(chosen), kind
     from finetune.backbones import DEFAULT_BACKBONE, build
-    from finetune.data import eval_transform
 
     bb = build(DEFAULT_BACKBONE)
-    return bb.model, eval_transform(bb.preprocessing), imagenet_class_names(), \
+    return bb.model, eval_reader(bb.preprocessing), imagenet_class_names(), \
         f"ImageNet-1k labels ({DEFAULT_BACKBONE}; no run found under {runs_root})", "probability"
 
 
@@ -72,7 +77,7 @@ def predict(
 ) -> Prediction:
     """Top-k classes of each image; unreadable files get a row with an `error` instead."""
     files = expand_paths(paths)
-    model, transform, names, source, kind = _load_model(run_dir, runs_root)
+    model, read, names, source, kind = _load_model(run_dir, runs_root)
     model = model.eval().to(memory_format=torch.channels_last)
     result = Prediction(source=source, score_kind=kind)
     k = max(1, min(top_k, len(names)))
@@ -81,7 +86,7 @@ def predict(
         tensors, good = [], []
         for path in chunk:
             try:
-                tensors.append(transform(load_rgb(path)))
+                tensors.append(read(path))
                 good.append(path)
             except ImageError as err:
                 result.rows.append({"path": str(path), "error": err.reason})

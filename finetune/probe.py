@@ -15,7 +15,7 @@ import torch
 from finetune.anatomy import build_trunk
 from finetune.errors import DataError
 from finetune.evaluate import classification_metrics
-from finetune.features import FeatureIdentity, Features, extract, pick_device
+from finetune.features import Features, extract_taps, pick_device
 from finetune.heads import Classifier, FittedHead, fit_head, fold
 from finetune.pipeline import Outcome, RunContext
 
@@ -56,24 +56,25 @@ def evaluate_split(
     return metrics, rows
 
 
-def _extract_all(ctx: RunContext, trunk: torch.nn.Module, tap: str, description: str) -> Features:
+def _extract_all(ctx: RunContext, tap: str, description: str) -> Features:
+    """Features of `tap` for every image of the index; decode failures recorded in ctx.bad."""
     index = ctx.index
-    positions = list(range(len(index.paths)))
-    feats = extract(
-        trunk,
+    feats = extract_taps(
+        ctx.backbone,
+        [tap],
+        ctx.recipe.pool,
         index,
-        positions,
+        range(len(index.paths)),
         ctx.preprocessing,
         batch_size=ctx.recipe.batch_size,
         workers=ctx.options.workers,
         device=pick_device(ctx.options.device),
-        description=description,
-        identity=FeatureIdentity.of(ctx.backbone, tap, ctx.recipe.pool, ctx.preprocessing),
         cache=ctx.options.cache,
         log=ctx.log,
-    )
+        description=description,
+    )[tap]
     if feats.hits:
-        ctx.log(f"feature cache: {feats.hits} of {len(positions)} images reused")
+        ctx.log(f"feature cache: {feats.hits} of {len(index.paths)} images reused")
     ctx.bad.update(feats.bad)
     for pos, reason in sorted(feats.bad.items()):
         ctx.log(f"skipped {index.paths[pos]}: {reason}")
@@ -83,9 +84,8 @@ def _extract_all(ctx: RunContext, trunk: torch.nn.Module, tap: str, description:
 
 def linear_probe(ctx: RunContext) -> Outcome:
     recipe = ctx.recipe
-    trunk = build_trunk(ctx.backbone.model, recipe.layer)
     t0 = time.perf_counter()
-    feats = _extract_all(ctx, trunk, recipe.layer, f"features ({recipe.layer})")
+    feats = _extract_all(ctx, recipe.layer, f"features ({recipe.layer})")
     t1 = time.perf_counter()
     train = feats.subset(ctx.positions("train"))
     if len(train.x) == 0:
@@ -115,6 +115,7 @@ def linear_probe(ctx: RunContext) -> Outcome:
         "fit_s": round(t2 - t1, 3),
         "images": n,
     }
+    trunk = build_trunk(ctx.backbone.model, recipe.layer, recipe.pool)
     return Outcome(Classifier(trunk, linear), recipe.layer, head.kind, metrics, predictions)
 
 

@@ -1,0 +1,87 @@
+"""The stage-probe method: a linear head on every stage's pooled output; keep the best stage.
+
+For data far from ImageNet the early stages (edges, textures) transfer better than the
+ImageNet-specific top. One pass over the images reads every stage tap (`features.extract_taps`),
+a head is fitted per stage on the training split, and the stage whose head scores best on the
+validation split wins (ties go to the earlier, cheaper stage). The saved model is the network
+cut at that stage plus the folded head — the same artifact as a linear probe, so `predict`,
+`evaluate` and `export` work unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import time
+
+from finetune.anatomy import build_trunk, taps
+from finetune.errors import DataError
+from finetune.features import Features, extract_taps, pick_device
+from finetune.heads import Classifier, fit_head, fold
+from finetune.pipeline import Outcome, RunContext
+
+
+def stage_taps(model) -> list[str]:
+    """Stage outputs and the pooled top: what stage-probe compares (DeCAF's fc6/fc7 included)."""
+    return [t for t in taps(model) if t != "stem"]
+
+
+def _table(rows: list[dict]) -> str:
+    best = max(rows, key=lambda r: r["accuracy"])
+    lines = [f"{'stage':<10} {'dim':>6} {'val acc':>8}  {'C':>7}"]
+    for r in rows:
+        mark = "  <- best" if r is best else ""
+        lines.append(f"{r['stage']:<10} {r['dim']:>6} {r['accuracy']:>8.4f}  {r['C']:>7g}{mark}")
+    return "\n".join(lines)
+
+
+def stage_probe(ctx: RunContext) -> Outcome:
+    from finetune.probe import evaluate_split
+
+    recipe, index = ctx.recipe, ctx.index
+    candidates = stage_taps(ctx.backbone.model)
+    t0 = time.perf_counter()
+    feats = extract_taps(
+        ctx.backbone, candidates, recipe.pool, index, range(len(index.paths)), ctx.preprocessing,
+        batch_size=recipe.batch_size, workers=ctx.options.workers, device=pick_device(ctx.options.device),
+        cache=ctx.options.cache, log=ctx.log, description=f"features ({len(candidates)} stages)",
+    )
+    t1 = time.perf_counter()
+    first = feats[candidates[0]]
+    if first.hits:
+        ctx.log(f"feature cache: {first.hits} of {len(index.paths)} images reused")
+    ctx.bad.update(first.bad)
+    for pos, reason in sorted(first.bad.items()):
+        ctx.log(f"skipped {index.paths[pos]}: {reason}")
+    ctx.check_classes()
+    if not ctx.positions("val"):
+        raise DataError("stage-probe needs a validation split to choose a stage",
+                        "keep --val-fraction above 0, or add a val/ folder")
+
+    rows, fitted = [], {}
+    for tap in candidates:
+        f: Features = feats[tap]
+        train, val = f.subset(ctx.positions("train")), f.subset(ctx.positions("val"))
+        head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
+        linear = fold(head)
+        acc, _ = evaluate_split(ctx, f, "val", linear, head.kind)
+        rows.append({"stage": tap, "dim": int(train.x.shape[1]), "accuracy": acc["accuracy"], "C": head.C})
+        fitted[tap] = (head, linear)
+    t2 = time.perf_counter()
+    best = max(rows, key=lambda r: r["accuracy"])["stage"]  # max keeps the first of equals: the earlier stage
+    ctx.log("per-stage linear probe (validation accuracy):\n" + _table(rows))
+    ctx.log(f"keeping {best}: the network is cut there")
+
+    head, linear = fitted[best]
+    trunk = build_trunk(copy.deepcopy(ctx.backbone.model), best, recipe.pool)
+    metrics: dict = {"stages": rows, "best_stage": best}
+    predictions: list[dict] = []
+    for split in ("val", "test"):
+        if ctx.positions(split):
+            metrics[split], preds = evaluate_split(ctx, feats[best], split, linear, head.kind)
+            predictions += preds
+    metrics["head"] = {"kind": head.kind, "C": head.C, "folds": head.n_folds,
+                       "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()}}
+    n = len(first.x)
+    metrics["timing"] = {"extract_s": round(t1 - t0, 3), "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+                         "cache_hits": first.hits, "engine": first.engine, "fit_s": round(t2 - t1, 3), "images": n}
+    return Outcome(Classifier(trunk, linear), best, head.kind, metrics, predictions)
