@@ -55,7 +55,7 @@ class _Group(TyperGroup):
         except (typer.Abort, KeyboardInterrupt):
             _fail("interrupted", 130)
         except FinetuneError as err:
-            _fail(str(err))
+            _fail(str(err), getattr(err, "exit_code", 2))  # Interrupted training: 130 / 143
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -74,7 +74,12 @@ def _echo_json(obj: Any) -> None:
 
 
 def _log(msg: str) -> None:
-    typer.echo(msg, err=True)
+    typer.echo(_printable(msg), err=True)  # messages may quote file names that are not UTF-8
+
+
+def _printable(name: str) -> str:
+    """A file name any terminal can print: bytes that are not UTF-8 shown as \\xNN (never a crash)."""
+    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 class Head(str, Enum):
@@ -144,7 +149,8 @@ def run(
         cache=not no_cache,
     )
     result = run_pipeline(opts, log=_log)
-    print_run_summary(result)
+    if result.main:  # under torchrun only rank 0 prints
+        print_run_summary(result)
 
 
 # --------------------------------------------------------------------------- predict
@@ -171,10 +177,10 @@ def predict(
     typer.echo(f"model: {result.source}")
     for row in result.rows:
         if "error" in row:
-            typer.echo(f"{row['path']}: skipped ({row['error']})")
+            typer.echo(f"{_printable(row['path'])}: skipped ({row['error']})")
             continue
         tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
-        typer.echo(f"{row['path']}: {tops}")
+        typer.echo(f"{_printable(row['path'])}: {tops}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -191,6 +197,341 @@ def demo(
     from finetune.demo import run_demo
 
     run_demo(out=out, log=_log, echo=typer.echo)
+
+
+# --------------------------------------------------------------------------- DeCAF: features and probes
+
+
+class Pool(str, Enum):
+    avg = "avg"
+    max = "max"
+    none = "none"
+
+
+@app.command("extract-features")
+def extract_features(
+    data: Annotated[Path, typer.Argument(help="Image folder (class folders, split folders, or --labels CSV).")],
+    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Tap to read (repeatable), e.g. fc6.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .safetensors.")] = Path("features.npz"),
+    backbone: Annotated[str, typer.Option(help="Backbone name or alias (see `finetune backbones`).")] = "lite0",
+    pool: Annotated[Pool, typer.Option(help="Pooling of conv taps; none keeps (C, H, W) maps.")] = Pool.avg,
+    weights: Annotated[Path | None, typer.Option(help="Weights file (.safetensors or state dict).")] = None,
+    pretrained: Annotated[bool, typer.Option(help="--no-pretrained: random init.")] = True,
+    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 64,
+    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")] = False,
+    labels: Annotated[Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")] = None,
+    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Recorded split: validation share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the recorded split.")] = 0,
+) -> None:
+    """Write the features of named layers (DeCAF-style) for every image of DATA.
+
+    Example: finetune extract-features ./mydata --backbone alexnet --layer fc6 --layer fc7 -o feats.npz
+    """
+    from finetune.decaf import ExtractOptions, extract_to_file
+
+    opts = ExtractOptions(data=data, out=out, backbone=backbone, layers=tuple(layer or ("pool",)), pool=pool.value,
+                          weights=weights, pretrained=pretrained, batch_size=batch_size, workers=workers,
+                          device=device, cache=not no_cache, val_fraction=val_fraction, seed=seed,
+                          labels_csv=labels)
+    s = extract_to_file(opts, log=_log)
+    shapes = ", ".join(f"{t} {'x'.join(map(str, shape))}" for t, shape in s.shapes.items())
+    typer.echo(f"wrote {s.out}: {s.images} images; {shapes}")
+    typer.echo(f"{s.seconds:.1f} s, {s.images / max(s.seconds, 1e-9):.0f} img/s ({s.engine}); "
+               f"cache hits {s.cache_hits}; skipped {len(s.skipped)}")
+
+
+@app.command()
+def probe(
+    file: Annotated[Path, typer.Argument(help="A features file written by extract-features.")],
+    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Layer(s) to probe (default: all).")] = None,
+    head: Annotated[list[Head] | None, typer.Option(help="logreg and/or svm (default: both).")] = None,
+    repeats: Annotated[int, typer.Option(min=1, help="Seeded stratified splits to average over.")] = 5,
+    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share of each split.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the first split.")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
+) -> None:
+    """Linear heads on saved features: layer x head table, accuracy mean ± std over splits.
+
+    Example: finetune probe feats.npz --head svm --repeats 5
+    """
+    from finetune.decaf import probe_file
+
+    heads = [h.value for h in head] if head else ["logreg", "svm"]
+    table = probe_file(file, layers=layer or (), heads=heads, repeats=repeats, val_fraction=val_fraction,
+                       seed=seed, progress=_log)
+    if as_json:
+        _echo_json(table.to_dict())
+        return
+    typer.echo(table.format())
+
+
+cache_app = typer.Typer(help="The feature cache: what it holds, and emptying it.", no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("info")
+def cache_info_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False) -> None:
+    """Where the cache is and what it holds (one row per model x tap)."""
+    from finetune.features import cache_info
+    from finetune.paths import cache_root
+
+    rows = cache_info()
+    if as_json:
+        _echo_json({"root": str(cache_root()), "sets": rows})
+        return
+    typer.echo(f"cache: {cache_root()}")
+    for r in rows:
+        typer.echo(f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images {r['bytes'] / 2**20:8.1f} MiB")
+    total = sum(r["bytes"] for r in rows)
+    typer.echo(f"  {len(rows)} feature sets, {total / 2**20:.1f} MiB")
+
+
+@cache_app.command("clear")
+def cache_clear_cmd() -> None:
+    """Delete cached features and exported engines (they are rebuilt on demand)."""
+    from finetune.features import cache_clear
+
+    freed = cache_clear()
+    typer.echo(f"freed {freed / 2**20:.1f} MiB")
+
+
+# --------------------------------------------------------------------------- evaluate
+
+
+@app.command()
+def evaluate(
+    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder written by `finetune run`.")],
+    data: Annotated[Path, typer.Argument(metavar="DATA", help="Held-out images in class folders.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Default: RUN/eval-<DATA name>/.")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable metrics on stdout.")] = False,
+    labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
+    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+) -> None:
+    """Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures of a run on a held-out folder.
+
+    Example: finetune evaluate runs/20260101-120000-lite0-linear-probe ./holdout --out eval/
+    """
+    from finetune.evaluate import evaluate_run
+    from finetune.report import print_evaluation
+
+    ev = evaluate_run(run_dir, data, out=out, device=device, workers=workers, labels_csv=labels,
+                      batch_size=batch_size, log=_log)
+    if as_json:
+        _echo_json(ev.to_dict())
+        return
+    print_evaluation(ev)
+
+
+# --------------------------------------------------------------------------- summary
+
+
+@app.command()
+def summary(
+    backbones: Annotated[list[str], typer.Argument(help="Backbone name(s): alias, timm name or tv:name.")],
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", "-i", min=1, help="Input side (default: the weights').")
+    ] = None,
+    depth: Annotated[
+        int | None, typer.Option("--depth", "-d", min=0, help="Fold rows to K name levels; 0: per stage.")
+    ] = None,
+    strategy: Annotated[
+        str, typer.Option("--strategy", "-s", help="Recipe deciding the train column.")
+    ] = "linear-probe",
+    csv_file: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV.")] = None,
+    compare: Annotated[
+        bool, typer.Option("--compare", help="One line per backbone: params, MACs, memory, top-1/top-5.")
+    ] = False,
+) -> None:
+    """Per-layer table: output shape, activation memory, parameters, MACs (random weights, offline).
+
+    Example: finetune summary tv:alexnet --input-size 227; finetune summary --compare alexnet vgg16 resnet50
+    """
+    from finetune import summary as lib
+
+    if len(backbones) > 1 and not compare:
+        raise typer.BadParameter("several backbones need --compare", param_hint="BACKBONES")
+    if compare:
+        table = lib.compare(backbones, input_size)
+    else:
+        table = lib.summarize(backbones[0], input_size=input_size, strategy=strategy, depth=depth)
+    if csv_file is not None:
+        lib.write_csv(table, csv_file)
+    lib.print_summary(table)
+
+
+# --------------------------------------------------------------------------- check (the data doctor)
+
+
+class DecoderName(str, Enum):
+    fast = "fast"
+    pil = "pil"
+
+
+@app.command()
+def check(
+    data: Annotated[Path, typer.Argument(help="Folder of class subfolders (or train/ val/ [test/]).")],
+    labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
+    val_fraction: Annotated[float, typer.Option(help="Validation share when there is no val/ folder.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    decoder: Annotated[DecoderName | None, typer.Option(help="fast or pil (default: as extraction).")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+) -> None:
+    """Report what a run would do with DATA: classes, skipped files and why, duplicates. Trains nothing.
+
+    Example: finetune check ./mydata
+    """
+    from finetune.doctor import check as check_data
+
+    report = check_data(data, val_fraction=val_fraction, seed=seed, labels_csv=labels,
+                        decoder=decoder.value if decoder else None)
+    if as_json:
+        _echo_json(report.to_dict())
+        return
+    for line in report.lines():
+        typer.echo(line)
+
+
+# --------------------------------------------------------------------------- choosing, comparing, shipping
+
+
+@app.command()
+def advise(
+    data: Annotated[Path, typer.Argument(help="Image folder to measure.")],
+    backbone: Annotated[str, typer.Option(help="ImageNet-pretrained backbone to measure with.")] = "lite0",
+    sample: Annotated[int, typer.Option(min=8, help="Images to measure familiarity on.")] = 256,
+    labels: Annotated[Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable advice.")] = False,
+) -> None:
+    """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
+
+    Example: finetune advise ./mydata
+    """
+    from finetune.advise import advise as advise_data
+    from finetune.advise import format_advice
+    from finetune.data import scan
+
+    advice = advise_data(scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample, log=_log)
+    typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
+
+
+@app.command()
+def compare(
+    data: Annotated[Path, typer.Argument(help="Image folder.")],
+    strategy: Annotated[list[str] | None, typer.Option("--strategy", "-s", help="Recipe to include (repeatable; "
+                                                       "default: all four).")] = None,
+    backbone: Annotated[str, typer.Option(help="Backbone name or alias.")] = "lite0",
+    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every recipe, key=value.")] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders and the plot go.")] = Path("runs"),
+    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share.")] = 0.2,
+    seed: Annotated[int, typer.Option(help="Seed of the shared split.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+) -> None:
+    """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
+
+    Example: finetune compare ./mydata -s linear-probe -s stage-probe --set image_size=128
+    """
+    from finetune.compare import CompareOptions, format_rows
+    from finetune.compare import compare as compare_strategies
+    from finetune.recipes import STRATEGIES
+
+    opts = CompareOptions(data=data, strategies=tuple(strategy or STRATEGIES), backbone=backbone,
+                          overrides=tuple(set_ or ()), out=out, val_fraction=val_fraction, seed=seed, device=device)
+    rows, plot = compare_strategies(opts, log=_log)
+    typer.echo(format_rows(rows))
+    typer.echo(f"plot: {plot}")
+
+
+class ExportFormat(str, Enum):
+    onnx = "onnx"
+    pt2 = "pt2"
+
+
+@app.command()
+def export(
+    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx or pt2 (torch.export).")] = ExportFormat.onnx,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model.FORMAT).")] = None,
+) -> None:
+    """Write a run's model as a standalone ONNX or torch.export file, with a JSON of its preprocessing.
+
+    Example: finetune export runs/20261123-101500-lite0-linear-probe --format onnx
+    """
+    from finetune.export import export_run
+
+    path = export_run(run_dir, fmt.value, out)
+    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+
+
+@app.command("runs")
+def runs_cmd(
+    out: Annotated[Path, typer.Option("--runs", help="Folder holding run folders.")] = Path("runs"),
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
+) -> None:
+    """List past runs, newest first, with their headline accuracy.
+
+    Example: finetune runs --runs runs
+    """
+    from finetune.runs import list_runs
+
+    rows = list_runs(out)
+    if as_json:
+        _echo_json(rows)
+        return
+    if not rows:
+        typer.echo(f"no runs under {out}; make one with `finetune run DATA` or `finetune demo`")
+        return
+    typer.echo(f"{'run':<48}{'strategy':<18}{'tap':<8}{'accuracy':>9}{'seconds':>9}")
+    for r in rows:
+        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
+        typer.echo(f"{r['run']:<48}{r['strategy']:<18}{r['tap']:<8}{acc:>9}{secs:>9}")
+
+
+@app.command("recipes")
+def recipes_cmd(as_json: Annotated[bool, typer.Option("--json", help="Full resolved recipes.")] = False) -> None:
+    """List the packaged recipes (the four cells of the transfer-learning table) and their key settings.
+
+    Example: finetune recipes
+    """
+    from finetune.recipes import packaged_recipes
+
+    recipes = packaged_recipes()
+    if as_json:
+        _echo_json([r.to_dict() for r in recipes])
+        return
+    for r in recipes:
+        if r.method == "probe":
+            keys = f"head={r.head} layer={r.layer} pool={r.pool} C={list(r.c_grid)}"
+        else:
+            m = r.lr_mult
+            keys = (f"epochs={r.epochs} {r.optimizer} lr={r.lr:g} lr_mult head/top/middle/bottom="
+                    f"{m.head:g}/{m.top:g}/{m.middle:g}/{m.bottom:g} top_stages={r.top_stages} "
+                    f"middle_stages={r.middle_stages}")
+        typer.echo(f"{r.name:<18}{r.description}\n{'':<18}{keys}")
+
+
+# --------------------------------------------------------------------------- backbones
+
+
+@app.command("backbones")
+def backbones_cmd(
+    name: Annotated[str | None, typer.Argument(help="Alias, timm name or tv:name (default: table).")] = None,
+    taps: Annotated[bool, typer.Option("--taps", help="Named taps with their output shapes.")] = False,
+    stages: Annotated[bool, typer.Option("--stages", help="Stages, bottom to top, with sizes.")] = False,
+    input_size: Annotated[int | None, typer.Option(min=8, help="Input size for --taps shapes.")] = None,
+) -> None:
+    """The catalogue: aliases, families, parameters, input size and weights status; or one backbone.
+
+    Example: finetune backbones vgg16 --taps --stages
+    """
+    from finetune.backbones import catalogue_text, describe
+
+    typer.echo(catalogue_text() if name is None else describe(name, taps, stages, input_size))
 
 
 def main() -> None:

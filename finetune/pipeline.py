@@ -18,12 +18,16 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data import DatasetIndex, Preprocessing, scan
-from finetune.errors import DataError
+from finetune.errors import DataError, RecipeError
 from finetune.recipes import Recipe, load_recipe
 
 
 def _stderr(msg: str) -> None:
     print(msg, file=sys.stderr)
+
+
+def _quiet(msg: str) -> None:
+    """The log of torchrun ranks other than 0."""
 
 
 @dataclass(frozen=True)
@@ -96,6 +100,7 @@ class RunResult:
     index: DatasetIndex
     config: Any  # runs.RunConfig
     bad: dict[int, str]
+    main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
 
 def _methods() -> dict[str, Callable[[RunContext], Outcome]]:
@@ -124,7 +129,16 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     from finetune.features import pick_device
     from finetune.runs import RunConfig, new_run_dir, save_run, versions, write_json
 
+    from finetune.train import shared_path, start_distributed, stop_distributed
+
     started = time.perf_counter()
+    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
+    if not dist.main:
+        log = _quiet
+    if opts.resume is not None:
+        from finetune.train import resume_options
+
+        opts = resume_options(opts, log)  # the interrupted run's own backbone, split and recipe
     load_recipe(opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides)
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     strategy, advice = resolve_strategy(opts, index, log)
@@ -132,9 +146,17 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     torch.manual_seed(recipe.seed)
     bb = build(opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map)
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
-    run_dir = new_run_dir(opts.out, opts.backbone, recipe.name)
+    if dist.world > 1 and recipe.method != "finetune":
+        raise RecipeError(f"{recipe.name} does not run under torchrun", "use partial-finetune or full-finetune")
+    if opts.resume is not None:
+        run_dir = Path(opts.resume)
+    else:
+        run_dir = shared_path(new_run_dir(opts.out, opts.backbone, recipe.name) if dist.main else None, dist)
     ctx = RunContext(index, bb, pre, recipe, run_dir, opts, log)
     outcome = _methods()[recipe.method](ctx)
+    if not dist.main:
+        stop_distributed()
+        return RunResult(run_dir, outcome.metrics, index, None, dict(ctx.bad), main=False)
 
     metrics = dict(outcome.metrics)
     metrics["headline"] = "test" if "test" in metrics else "val"
@@ -169,4 +191,16 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     write_json(run_dir / "problems.json", report)
     if outcome.predictions:
         write_json(run_dir / "predictions.json", outcome.predictions)
+    stop_distributed()
+    _write_report(run_dir, log)
     return RunResult(run_dir, metrics, index, config, dict(ctx.bad))
+
+
+def _write_report(run_dir: Path, log: Callable[[str], None]) -> None:
+    """report.html + figures/ from the files just written; a plotting failure never loses the run."""
+    try:
+        from finetune.report import write_report
+
+        write_report(run_dir)
+    except Exception as err:  # noqa: BLE001 — the model and metrics are saved; the report is a view of them
+        log(f"report.html not written ({type(err).__name__}: {err}); the run folder is complete without it")

@@ -124,7 +124,9 @@ def _toml_value(v: Any) -> str:
 _FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
 _MULT_FIELDS = {f.name for f in dataclasses.fields(LRMult)}
 _FLOAT = {"lr", "momentum", "weight_decay", "label_smoothing", "grad_clip", "augment_scale"}
-_INT = {"epochs", "batch_size", "warmup_epochs", "top_stages", "middle_stages", "patience", "image_size", "seed"}
+_INT = {
+    "epochs", "batch_size", "warmup_epochs", "top_stages", "middle_stages", "patience", "image_size", "seed",
+}
 _BOOL = {"augment"}
 _STR = {"name", "description"} | set(CHOICES)
 
@@ -139,7 +141,9 @@ def _check(key: str, value: Any) -> Any:
     """Type- and range-check one top-level value; return it normalized."""
 
     def bad(expected: str) -> RecipeError:
-        return RecipeError(f"recipe key {key!r} must be {expected}, got {value!r}", f"fix it, e.g. --set {key}=...")
+        return RecipeError(
+            f"recipe key {key!r} must be {expected}, got {value!r}", f"fix it, e.g. --set {key}=..."
+        )
 
     if key in _BOOL:
         if not isinstance(value, bool):
@@ -179,7 +183,9 @@ def _check(key: str, value: Any) -> Any:
 
 def _check_mult(key: str, value: Any) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise RecipeError(f"recipe key 'lr_mult.{key}' must be a number >= 0, got {value!r}", "0 freezes the group")
+        raise RecipeError(
+            f"recipe key 'lr_mult.{key}' must be a number >= 0, got {value!r}", "0 freezes the group"
+        )
     return float(value)
 
 
@@ -191,7 +197,9 @@ def recipe_from_dict(raw: dict[str, Any], base: Recipe | None = None) -> Recipe:
     for key, value in raw.items():
         if key == "lr_mult":
             if not isinstance(value, dict):
-                raise RecipeError("recipe key 'lr_mult' must be a table", "write [lr_mult] with head/top/middle/bottom")
+                raise RecipeError(
+                    "recipe key 'lr_mult' must be a table", "write [lr_mult] with head/top/middle/bottom"
+                )
             for mk, mv in value.items():
                 if mk not in _MULT_FIELDS:
                     raise _unknown(f"lr_mult.{mk}", [f"lr_mult.{m}" for m in _MULT_FIELDS])
@@ -261,3 +269,70 @@ def load_recipe(
     raw = apply_overrides(read_toml(path), list(overrides))
     raw.setdefault("name", path.stem)
     return recipe_from_dict(raw)
+
+
+# --------------------------------------------------------------------------- parameter groups
+
+ROLES = ("bottom", "middle", "top")  # stage groups, bottom -> top; the head is its own group
+
+
+def stage_roles(n_stages: int, recipe: Recipe) -> list[str]:
+    """The role of each of `n_stages` stages (bottom -> top): the last `top_stages` are "top",
+    the `middle_stages` below them "middle", the rest "bottom".
+
+    >>> stage_roles(5, Recipe(top_stages=1, middle_stages=2))
+    ['bottom', 'bottom', 'middle', 'middle', 'top']
+    """
+    top = min(recipe.top_stages, n_stages)
+    middle = min(recipe.middle_stages, n_stages - top)
+    return ["bottom"] * (n_stages - top - middle) + ["middle"] * middle + ["top"] * top
+
+
+def frozen_names(stages: list, recipe: Recipe) -> list[str]:
+    """Names of the trunk parameters whose stage has multiplier 0: they never get a gradient."""
+    mult = dataclasses.asdict(recipe.lr_mult)
+    roles = stage_roles(len(stages), recipe)
+    pairs = zip(stages, roles, strict=True)
+    return [name for stage, role in pairs if mult[role] == 0 for name in stage.params]
+
+
+def param_groups(stages: list, recipe: Recipe, named_params: dict[str, Any], head_params: list) -> list[dict]:
+    """Optimizer parameter groups: the layer-wise learning rates of a recipe, as one pure function.
+
+    The head learns at `recipe.lr * lr_mult.head`; each stage group (top, middle, bottom, see
+    `stage_roles`) at `recipe.lr * lr_mult.<role>`. Groups with multiplier 0 (frozen) or no
+    parameters are left out, so frozen parameters never reach the optimizer. Nothing is
+    modified: the caller sets `requires_grad=False` on `frozen_names(stages, recipe)`.
+
+    Args:
+        stages: the trunk's stages, bottom -> top (`anatomy.stages(trunk)`); every name in
+            `named_params` must belong to exactly one stage.
+        recipe: lr, weight_decay, top_stages, middle_stages, lr_mult.
+        named_params: `dict(trunk.named_parameters())`.
+        head_params: the new head's parameters.
+
+    Returns:
+        Dicts for `torch.optim` with keys params, lr, weight_decay, name ("head", "top",
+        "middle", "bottom") and lr_mult, head first, then top -> bottom.
+    """
+    covered = [n for s in stages for n in s.params]
+    missing = sorted(set(named_params) - set(covered))
+    if missing or len(covered) != len(set(covered)):
+        raise ValueError(f"stages must cover every trunk parameter once; not covered: {missing[:5]}")
+    mult = dataclasses.asdict(recipe.lr_mult)
+    by_role: dict[str, list] = {role: [] for role in ROLES}
+    for stage, role in zip(stages, stage_roles(len(stages), recipe), strict=True):
+        by_role[role] += [named_params[n] for n in stage.params]
+    groups = []
+    for role, params in [("head", list(head_params))] + [(r, by_role[r]) for r in reversed(ROLES)]:
+        if params and mult[role] > 0:
+            groups.append(
+                {"params": params, "lr": recipe.lr * mult[role], "weight_decay": recipe.weight_decay,
+                 "name": role, "lr_mult": mult[role]}
+            )
+    return groups
+
+
+def packaged_recipes() -> list[Recipe]:
+    """The packaged recipes, in the order of the transfer-learning table."""
+    return [load_recipe(name) for name in STRATEGIES]

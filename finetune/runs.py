@@ -227,7 +227,7 @@ def build_model(config: RunConfig):
 
     spec = resolve(config.backbone)
     bb = build(spec, pretrained=False)
-    trunk = build_trunk(bb.model, config.tap)
+    trunk = build_trunk(bb.model, config.tap, config.pool)
     dim = feature_dim(trunk, max(config.preprocessing.input_size, spec.min_input))
     return Classifier(trunk, nn.Linear(dim, len(config.class_names)))
 
@@ -254,3 +254,31 @@ def load_run(run_dir: str | os.PathLike):
         )
     model.eval()
     return model, eval_transform(config.preprocessing), list(config.class_names)
+
+
+def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
+    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric."""
+    root = Path(out)
+    rows = []
+    if not root.is_dir():
+        return rows
+    for p in sorted((p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True):
+        try:
+            config = read_config(p)
+            metrics = json.loads((p / "metrics.json").read_text(encoding="utf-8")) if (p / "metrics.json").is_file() else {}
+        except (RunError, json.JSONDecodeError, OSError):
+            continue  # a damaged folder is not a run to list
+        split = metrics.get("headline", "val")
+        rows.append({
+            "run": p.name,
+            "path": str(p),
+            "backbone": config.backbone,
+            "strategy": config.strategy,
+            "tap": config.tap,
+            "classes": len(config.class_names),
+            "split": split,
+            "accuracy": metrics.get(split, {}).get("accuracy"),
+            "seconds": metrics.get("seconds"),
+            "created": config.created,
+        })
+    return rows
