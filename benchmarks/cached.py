@@ -37,12 +37,24 @@ def main() -> None:
         svm_t, svm = run_once(folder, out, cache, "--set", "head='svm'", "--set", "c_grid=[0.01, 0.1]")
     print(f"folder {folder} ({first['timing']['images']} images)")
     print(row("whole process s", again_t, first_t, "s", better="lower"))
-    print(row("extraction phase s", again["timing"]["extract_s"], first["timing"]["extract_s"], "s",
-              better="lower"))
-    print(f"re-run cache hits {again['timing']['cache_hits']} of {again['timing']['images']}; "
-          f"accuracy {again['val']['accuracy']:.4f} (first {first['val']['accuracy']:.4f})")
-    print(f"svm head + other C grid on the warm cache: {svm_t:.1f} s, cache hits {svm['timing']['cache_hits']}, "
-          f"accuracy {svm['val']['accuracy']:.4f}")
+    print(
+        row(
+            "extraction phase s",
+            again["timing"]["extract_s"],
+            first["timing"]["extract_s"],
+            "s",
+            better="lower",
+        )
+    )
+    print(
+        f"re-run cache hits {again['timing']['cache_hits']} of {again['timing']['images']}; "
+        f"accuracy {again['val']['accuracy']:.4f} (first {first['val']['accuracy']:.4f})"
+    )
+    print(
+        f"svm head + other C grid on the warm cache: {svm_t:.1f} s, "
+        f"cache hits {svm['timing']['cache_hits']}, "
+        f"accuracy {svm['val']['accuracy']:.4f}"
+    )
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Real image folders for the benchmarks, built from packaged data (offline).
 
-    digits_folder()          # sklearn's 1,797 digits as PNG (the demo's folder)
-    photo_folder(n=600)      # crops of sklearn's two sample photos as JPEG files, 2 classes
+digits_folder()          # sklearn's 1,797 digits as PNG (the demo's folder)
+photo_folder(n=600)      # crops of sklearn's two sample photos as JPEG files, 2 classes
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ def photo_folder(n: int = 600, seed: int = 0) -> Path:
         return target
     rng = np.random.default_rng(seed)
     photos = load_sample_images().images  # two (427, 640, 3) uint8 photos
-    for k, (name, img) in enumerate(zip(("china", "flower"), photos)):
+    for name, img in zip(("china", "flower"), photos):
         folder = target / name
         folder.mkdir(parents=True, exist_ok=True)
         h, w, _ = img.shape
@@ -65,7 +65,10 @@ def median(xs: list[float]) -> float:
 
 def row(name: str, ours: float, ref: float, unit: str, better: str = "higher") -> str:
     ratio = ours / ref if ref else float("nan")
-    return f"{name:<28} ours {ours:10.2f} {unit:<6} reference {ref:10.2f} {unit:<6} ratio {ratio:6.2f}x ({better} is better)"
+    return (
+        f"{name:<28} ours {ours:10.2f} {unit:<6} reference {ref:10.2f} {unit:<6} "
+        f"ratio {ratio:6.2f}x ({better} is better)"
+    )
 
 
 def split_folder(source: Path, val_fraction: float = 0.2, seed: int = 0) -> Path:

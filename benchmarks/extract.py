@@ -15,7 +15,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import digits_folder, row
 
 
@@ -47,17 +46,22 @@ def main() -> None:
     bb = build("lite0")
     index = scan(folder)
     positions = range(min(args.images, len(index.paths)))
-    extract_taps(bb, ["pool"], "avg", index, range(args.batch), bb.preprocessing, batch_size=args.batch,
-                 cache=False)  # warm-up: engine export/load happens once per machine, not per run
+    extract_taps(
+        bb, ["pool"], "avg", index, range(args.batch), bb.preprocessing, batch_size=args.batch, cache=False
+    )  # warm-up: engine export/load happens once per machine, not per run
     t0 = time.perf_counter()
-    feats = extract_taps(bb, ["pool"], "avg", index, positions, bb.preprocessing, batch_size=args.batch,
-                         cache=False)["pool"]
+    feats = extract_taps(
+        bb, ["pool"], "avg", index, positions, bb.preprocessing, batch_size=args.batch, cache=False
+    )["pool"]
     ours = len(feats.x) / (time.perf_counter() - t0)
     import copy
 
     ref = bare_forward(build_trunk(copy.deepcopy(bb.model), "pool"), args.batch, bb.preprocessing.input_size)
-    print(f"folder {folder} ({len(feats.x)} images), lite0 at {bb.preprocessing.input_size}, batch {args.batch}, "
-          f"{torch.get_num_threads()} threads, engine {feats.engine}")
+    print(
+        f"folder {folder} ({len(feats.x)} images), lite0 at {bb.preprocessing.input_size}, "
+        f"batch {args.batch}, "
+        f"{torch.get_num_threads()} threads, engine {feats.engine}"
+    )
     print(row("extract img/s", ours, ref, "img/s"))
 
 

@@ -27,15 +27,20 @@ def main() -> None:
     ours_t, ref_t, ours_acc, ref_acc = [], [], [], []
     for r in range(args.repeats):
         with tempfile.TemporaryDirectory() as out:
-            dt, _ = timed(finetune_cmd("run", str(folder), "--strategy", "linear-probe", "--no-cache", "--out", out))
+            dt, _ = timed(
+                finetune_cmd("run", str(folder), "--strategy", "linear-probe", "--no-cache", "--out", out)
+            )
             (run_dir,) = Path(out).iterdir()
             ours_acc.append(json.loads((run_dir / "metrics.json").read_text())["val"]["accuracy"])
         ours_t.append(dt)
         dt, text = timed([sys.executable, str(REFERENCE), str(folder)])
         ref_t.append(dt)
         ref_acc.append(float(parse_kv(text.strip().splitlines()[-1])["val_acc"]))
-        print(f"round {r + 1}: ours {ours_t[-1]:.1f} s (acc {ours_acc[-1]:.4f}), "
-              f"reference {ref_t[-1]:.1f} s (acc {ref_acc[-1]:.4f})", flush=True)
+        print(
+            f"round {r + 1}: ours {ours_t[-1]:.1f} s (acc {ours_acc[-1]:.4f}), "
+            f"reference {ref_t[-1]:.1f} s (acc {ref_acc[-1]:.4f})",
+            flush=True,
+        )
     print(f"folder {folder}")
     print(row("probe_e2e wall s (median)", median(ours_t), median(ref_t), "s", better="lower"))
     print(row("val accuracy", median(ours_acc), median(ref_acc), "acc"))

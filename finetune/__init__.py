@@ -1,7 +1,7 @@
 """finetune: transfer learning for image folders.
 
-    from finetune import load_run
-    model, transform, class_names = load_run("runs/20261123-101500-lite0-linear-probe")
+from finetune import load_run
+model, transform, class_names = load_run("runs/20261123-101500-lite0-linear-probe")
 """
 
 from __future__ import annotations

@@ -81,8 +81,14 @@ def sample_positions(index: DatasetIndex, n: int, seed: int = 0) -> list[int]:
     return sorted(out)
 
 
-def imagenet_familiarity(backbone, index: DatasetIndex, positions: list[int], device: str = "cpu",
-                         workers: int = 0, batch_size: int = 32) -> tuple[float, int]:
+def imagenet_familiarity(
+    backbone,
+    index: DatasetIndex,
+    positions: list[int],
+    device: str = "cpu",
+    workers: int = 0,
+    batch_size: int = 32,
+) -> tuple[float, int]:
     """(1 - mean normalized entropy of the ImageNet softmax, images that decoded)."""
     import torch
 
@@ -97,8 +103,10 @@ def imagenet_familiarity(backbone, index: DatasetIndex, positions: list[int], de
                 continue
             logits = model(x.to(device))  # (B, 1000)
             if logits.shape[-1] != 1000:
-                raise BackboneError("this backbone has no ImageNet classifier to measure with",
-                                    "run advise with an ImageNet-pretrained --backbone, e.g. lite0")
+                raise BackboneError(
+                    "this backbone has no ImageNet classifier to measure with",
+                    "run advise with an ImageNet-pretrained --backbone, e.g. lite0",
+                )
             p = logits.float().softmax(dim=1)
             ent = -(p * p.clamp_min(1e-12).log()).sum(dim=1) / np.log(logits.shape[-1])  # (B,) in [0, 1]
             entropies += ent.cpu().tolist()
@@ -107,9 +115,17 @@ def imagenet_familiarity(backbone, index: DatasetIndex, positions: list[int], de
     return 1.0 - float(np.mean(entropies)), len(entropies)
 
 
-def advise(index: DatasetIndex, backbone: str = "lite0", device: str = "auto", workers: int | None = None,
-           sample: int = 256, seed: int = 0, data_threshold: int = DATA_THRESHOLD,
-           familiarity_threshold: float = FAMILIARITY_THRESHOLD, log: Callable[[str], None] = _quiet) -> Advice:
+def advise(
+    index: DatasetIndex,
+    backbone: str = "lite0",
+    device: str = "auto",
+    workers: int | None = None,
+    sample: int = 256,
+    seed: int = 0,
+    data_threshold: int = DATA_THRESHOLD,
+    familiarity_threshold: float = FAMILIARITY_THRESHOLD,
+    log: Callable[[str], None] = _quiet,
+) -> Advice:
     """Measure the data and pick the cell. The backbone must carry ImageNet weights."""
     from finetune.backbones import build
     from finetune.data import default_workers
@@ -117,19 +133,27 @@ def advise(index: DatasetIndex, backbone: str = "lite0", device: str = "auto", w
 
     bb = build(backbone)
     if bb.weights.source == "random":
-        raise BackboneError(f"{backbone} has no ImageNet weights here, so nothing transfers to measure",
-                            "advise with a pretrained backbone (e.g. --backbone lite0)")
+        raise BackboneError(
+            f"{backbone} has no ImageNet weights here, so nothing transfers to measure",
+            "advise with a pretrained backbone (e.g. --backbone lite0)",
+        )
     counts = [n for n in index.counts().values()]
     per_class = float(statistics.median(counts)) if counts else 0.0
     positions = sample_positions(index, sample, seed)
     log(f"advise: measuring ImageNet familiarity on {len(positions)} images")
-    fam, n = imagenet_familiarity(bb, index, positions, device=str(pick_device(device)),
-                                  workers=default_workers() if workers is None else workers)
+    fam, n = imagenet_familiarity(
+        bb,
+        index,
+        positions,
+        device=str(pick_device(device)),
+        workers=default_workers() if workers is None else workers,
+    )
     little, near = per_class < data_threshold, fam >= familiarity_threshold
     strategy = CELLS[(little, near)]
     reason = (
         f"{'little' if little else 'a lot of'} data ({per_class:g} images per class, "
-        f"{'<' if little else '>='} {data_threshold}) and {'similar to' if near else 'different from'} ImageNet "
+        f"{'<' if little else '>='} {data_threshold}) and "
+        f"{'similar to' if near else 'different from'} ImageNet "
         f"(familiarity {fam:.2f} {'>=' if near else '<'} {familiarity_threshold})"
     )
     command = f"finetune run {index.root} --backbone {backbone} --strategy {strategy}"
@@ -139,17 +163,20 @@ def advise(index: DatasetIndex, backbone: str = "lite0", device: str = "auto", w
 def format_advice(a: Advice) -> str:
     """The 2x2 table with the chosen cell marked, the two numbers, and the command."""
     mark = {s: ("[x]" if s == a.strategy else "[ ]") for s in CELLS.values()}
-    return "\n".join([
-        f"images per class (median): {a.images_per_class:g}   threshold {a.data_threshold}   "
-        f"-> {'little' if a.little_data else 'a lot of'} data",
-        f"ImageNet familiarity:      {a.familiarity:.3f}   threshold {a.familiarity_threshold}  "
-        f"-> {'similar to' if a.near_imagenet else 'different from'} ImageNet  ({a.sampled} images)",
-        "",
-        f"{'':<14}{'similar to ImageNet':<28}{'different from ImageNet':<28}",
-        f"{'little data':<14}{mark['linear-probe'] + ' linear-probe':<28}{mark['stage-probe'] + ' stage-probe':<28}",
-        f"{'a lot of data':<14}{mark['partial-finetune'] + ' partial-finetune':<28}"
-        f"{mark['full-finetune'] + ' full-finetune':<28}",
-        "",
-        f"advice: {a.strategy} — {a.reason}",
-        f"run:    {a.command}",
-    ])
+    return "\n".join(
+        [
+            f"images per class (median): {a.images_per_class:g}   threshold {a.data_threshold}   "
+            f"-> {'little' if a.little_data else 'a lot of'} data",
+            f"ImageNet familiarity:      {a.familiarity:.3f}   threshold {a.familiarity_threshold}  "
+            f"-> {'similar to' if a.near_imagenet else 'different from'} ImageNet  ({a.sampled} images)",
+            "",
+            f"{'':<14}{'similar to ImageNet':<28}{'different from ImageNet':<28}",
+            f"{'little data':<14}{mark['linear-probe'] + ' linear-probe':<28}"
+            f"{mark['stage-probe'] + ' stage-probe':<28}",
+            f"{'a lot of data':<14}{mark['partial-finetune'] + ' partial-finetune':<28}"
+            f"{mark['full-finetune'] + ' full-finetune':<28}",
+            "",
+            f"advice: {a.strategy} — {a.reason}",
+            f"run:    {a.command}",
+        ]
+    )

@@ -73,8 +73,9 @@ def _units(model: nn.Module, expand: Sequence[str] = ()) -> list[tuple[str, nn.M
     return out
 
 
-def _assemble(stem: list[str], body: list[list[str]], tail: list[str], extras: list[Part],
-              head: list[str]) -> list[Part]:
+def _assemble(
+    stem: list[str], body: list[list[str]], tail: list[str], extras: list[Part], head: list[str]
+) -> list[Part]:
     parts = [Part("stem", tuple(stem), stem[-1])] if stem else []
     parts += [Part(f"stage{i}", tuple(g), g[-1]) for i, g in enumerate(body, 1)]
     if tail:  # a final norm or 1x1 conv belongs to the last stage, and its output is that tap
@@ -97,8 +98,13 @@ def _name_key(pattern: str) -> Callable[[str, nn.Module], str | None]:
     return key
 
 
-def _keyed(model: nn.Module, key: Callable[[str, nn.Module], Any], head: str, expand: Sequence[str] = (),
-           extra: tuple[str, str] | None = None) -> list[Part]:
+def _keyed(
+    model: nn.Module,
+    key: Callable[[str, nn.Module], Any],
+    head: str,
+    expand: Sequence[str] = (),
+    extra: tuple[str, str] | None = None,
+) -> list[Part]:
     """Parts from a stage key per unit: units before the first keyed unit are the stem, consecutive
     units with one key are one stage, parametrised units after the body join the last stage."""
     stem: list[str] = []
@@ -199,8 +205,11 @@ def _features_classifier(model: nn.Module, fc_names: Sequence[str] = ("fc6", "fc
     """torchvision's `features` -> pool -> `classifier` layout (AlexNet, VGG, MobileNet, ...)."""
     blocks = _split_features([(p, m) for p, m in _units(model, ("features",)) if p.startswith("features.")])
     classifier = model.classifier
-    cls_units = (_units(model, ("classifier",)) if isinstance(classifier, nn.Sequential)
-                 else [("classifier", classifier)])
+    cls_units = (
+        _units(model, ("classifier",))
+        if isinstance(classifier, nn.Sequential)
+        else [("classifier", classifier)]
+    )
     cls_units = [(p, m) for p, m in cls_units if p == "classifier" or p.startswith("classifier.")]
     fcs, head = _split_classifier(cls_units, fc_names)
     return _assemble(blocks[0], blocks[1:], [], fcs, head)
@@ -227,20 +236,24 @@ RULES: dict[str, Callable[[nn.Module], list[Part]]] = {
     "finetune.classic.LeNet5": partial(_features_classifier, fc_names=("c5", "f6")),
     "timm.models.vgg.VGG": _timm_vgg,
     "torchvision.models.googlenet.GoogLeNet": partial(
-        _keyed, key=_name_key(r"(?:inception|maxpool)([345])[a-e]?"), head=r"fc|aux\d"),
+        _keyed, key=_name_key(r"(?:inception|maxpool)([345])[a-e]?"), head=r"fc|aux\d"
+    ),
     "torchvision.models.inception.Inception3": _INCEPTION,
     "timm.models.inception_v3.InceptionV3": _INCEPTION,
     "timm.models.inception_v4.InceptionV4": partial(
-        _keyed, key=_v4_key, head=r"last_linear", expand=("features",)),
+        _keyed, key=_v4_key, head=r"last_linear", expand=("features",)
+    ),
     "torchvision.models.resnet.ResNet": _RESNET,
     "timm.models.resnet.ResNet": _RESNET,
-    "timm.models.resnetv2.ResNetV2": partial(_keyed, key=_name_key(r"stages\.(\d+)"), head=r"head",
-                                             expand=("stages",)),
+    "timm.models.resnetv2.ResNetV2": partial(
+        _keyed, key=_name_key(r"stages\.(\d+)"), head=r"head", expand=("stages",)
+    ),
     "torchvision.models.densenet.DenseNet": _DENSENET,
     "timm.models.densenet.DenseNet": _DENSENET,
     "timm.models.efficientnet.EfficientNet": _EFFICIENTNET,
     "timm.models.mobilenetv3.MobileNetV3": partial(
-        _EFFICIENTNET, extra=("pre_logits", r"conv_head|norm_head|act2")),
+        _EFFICIENTNET, extra=("pre_logits", r"conv_head|norm_head|act2")
+    ),
     "torchvision.models.mobilenetv2.MobileNetV2": partial(_features_classifier, fc_names=("pre_logits",)),
     "torchvision.models.mobilenetv3.MobileNetV3": partial(_features_classifier, fc_names=("pre_logits",)),
     "torchvision.models.efficientnet.EfficientNet": partial(_features_classifier, fc_names=("pre_logits",)),
@@ -307,8 +320,10 @@ def stages(model: nn.Module) -> list[Stage]:
         ordered = [tuple(names) for _, names in sorted(groups.items())]
         names = ["stem"] + [f"stage{i}" for i in range(1, len(ordered))]
         return [Stage(n, p) for n, p in zip(names, ordered, strict=True)]
-    raise BackboneError(f"no stage split known for {type(model).__name__}",
-                        "use a catalogue backbone (see `finetune backbones`) or a timm model")
+    raise BackboneError(
+        f"no stage split known for {type(model).__name__}",
+        "use a catalogue backbone (see `finetune backbones`) or a timm model",
+    )
 
 
 # --------------------------------------------------------------------------- taps
@@ -335,8 +350,9 @@ def _tap_modules(model: nn.Module, names: Sequence[str]) -> tuple[list[str | Non
             paths.append(p.tap)
             top = max(top, i)
         else:
-            raise BackboneError(f"unknown tap {name!r} for {type(model).__name__}",
-                                f"choose from {', '.join(taps(model))}")
+            raise BackboneError(
+                f"unknown tap {name!r} for {type(model).__name__}", f"choose from {', '.join(taps(model))}"
+            )
     return paths, top
 
 
@@ -389,8 +405,9 @@ class Trunk(nn.Module):
     are the backbone's own, prefixed by `net.`.
     """
 
-    def __init__(self, net: nn.Module, names: Sequence[str], paths: Sequence[str | None], pool: str,
-                 single: bool) -> None:
+    def __init__(
+        self, net: nn.Module, names: Sequence[str], paths: Sequence[str | None], pool: str, single: bool
+    ) -> None:
         super().__init__()
         self.net = net
         self.tap_names = tuple(names)
@@ -425,7 +442,7 @@ def _cut(model: nn.Module, names: Sequence[str], pool: str, single: bool) -> nn.
         raise BackboneError("no taps asked for", "name at least one, e.g. pool")
     paths, top = _tap_modules(model, names)
     layout = parts(model) or []
-    for part in layout[top + 1:]:
+    for part in layout[top + 1 :]:
         if part.name == "head":
             continue
         for path in part.modules:
@@ -478,6 +495,7 @@ def tap_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     handles = []
     for part in layout:
         if part.tap is not None:
+
             def hook(module, args, out, name=part.name):
                 found[name] = tuple(out.shape[1:])
 
@@ -485,6 +503,7 @@ def tap_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     head = next((p for p in layout if p.name == "head"), None)
     head_path = _head_path(model, head)
     if head_path is not None:
+
         def pre(module, args):
             found["pool"] = tuple(torch.flatten(args[0], 1).shape[1:])
 

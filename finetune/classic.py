@@ -21,8 +21,9 @@ from torch import nn
 from finetune.data import Preprocessing
 
 # No weights were trained, so nothing prescribes a mean: map [0, 1] pixels to [-1, 1].
-NEUTRAL = Preprocessing(input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5),
-                        interpolation="bilinear")
+NEUTRAL = Preprocessing(
+    input_size=224, crop_pct=0.875, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear"
+)
 
 
 class LeNet5(nn.Module):

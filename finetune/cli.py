@@ -48,7 +48,9 @@ class _Group(TyperGroup):
             echo(err.ctx.get_help() if err.ctx else "", err=True)
             sys.exit(2)
         except click_errors.UsageError as err:
-            where = f"finetune {err.ctx.info_name} --help" if err.ctx and err.ctx.parent else "finetune --help"
+            where = (
+                f"finetune {err.ctx.info_name} --help" if err.ctx and err.ctx.parent else "finetune --help"
+            )
             _fail(f"{err.format_message()} — see `{where}`")
         except click_errors.ClickException as err:
             _fail(err.format_message())
@@ -99,24 +101,35 @@ class WeightsMap(str, Enum):
 def run(
     data: Annotated[Path, typer.Argument(help="Folder of class subfolders (or train/ val/ [test/]).")],
     strategy: Annotated[
-        str, typer.Option("--strategy", "-s", help="linear-probe | stage-probe | partial-finetune | full-finetune | auto")
+        str,
+        typer.Option(
+            "--strategy", "-s", help="linear-probe | stage-probe | partial-finetune | full-finetune | auto"
+        ),
     ] = "linear-probe",
     backbone: Annotated[str, typer.Option("--backbone", "-b", help="Alias, timm name or tv:name.")] = "lite0",
     head: Annotated[Head | None, typer.Option(help="Probe head (overrides the recipe).")] = None,
     recipe: Annotated[Path | None, typer.Option("--recipe", help="A recipe TOML file of your own.")] = None,
     set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
     weights: Annotated[Path | None, typer.Option(help="Weights file (.safetensors or state dict).")] = None,
-    weights_map: Annotated[WeightsMap, typer.Option(help="Match --weights tensors by name or position.")] = WeightsMap.name,
-    no_pretrained: Annotated[bool, typer.Option("--no-pretrained", help="Random init (no ImageNet weights).")] = False,
+    weights_map: Annotated[
+        WeightsMap, typer.Option(help="Match --weights tensors by name or position.")
+    ] = WeightsMap.name,
+    no_pretrained: Annotated[
+        bool, typer.Option("--no-pretrained", help="Random init (no ImageNet weights).")
+    ] = False,
     out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders go.")] = Path("runs"),
     val_fraction: Annotated[float, typer.Option(help="Validation share when there is no val/ folder.")] = 0.2,
     labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
     device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores).")] = None,
     resume: Annotated[Path | None, typer.Option(help="Resume an interrupted fine-tuning run folder.")] = None,
-    compile_: Annotated[bool, typer.Option("--compile", help="torch.compile the network (fine-tuning).")] = False,
+    compile_: Annotated[
+        bool, typer.Option("--compile", help="torch.compile the network (fine-tuning).")
+    ] = False,
     seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")] = False,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
+    ] = False,
 ) -> None:
     """Train and evaluate a classifier on DATA; write a run folder.
 
@@ -159,9 +172,13 @@ def run(
 @app.command()
 def predict(
     paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
-    run_dir: Annotated[Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")
+    ] = None,
     top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 1,
-    runs_root: Annotated[Path, typer.Option("--runs", help="Where to look for the newest run.")] = Path("runs"),
+    runs_root: Annotated[Path, typer.Option("--runs", help="Where to look for the newest run.")] = Path(
+        "runs"
+    ),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
 ) -> None:
     """Classify images with a run's model (ImageNet labels when there is no run).
@@ -210,19 +227,35 @@ class Pool(str, Enum):
 
 @app.command("extract-features")
 def extract_features(
-    data: Annotated[Path, typer.Argument(help="Image folder (class folders, split folders, or --labels CSV).")],
-    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Tap to read (repeatable), e.g. fc6.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .safetensors.")] = Path("features.npz"),
-    backbone: Annotated[str, typer.Option(help="Backbone name or alias (see `finetune backbones`).")] = "lite0",
+    data: Annotated[
+        Path, typer.Argument(help="Image folder (class folders, split folders, or --labels CSV).")
+    ],
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", "-l", help="Tap to read (repeatable), e.g. fc6.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .safetensors.")] = Path(
+        "features.npz"
+    ),
+    backbone: Annotated[
+        str, typer.Option(help="Backbone name or alias (see `finetune backbones`).")
+    ] = "lite0",
     pool: Annotated[Pool, typer.Option(help="Pooling of conv taps; none keeps (C, H, W) maps.")] = Pool.avg,
     weights: Annotated[Path | None, typer.Option(help="Weights file (.safetensors or state dict).")] = None,
     pretrained: Annotated[bool, typer.Option(help="--no-pretrained: random init.")] = True,
     batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 64,
-    workers: Annotated[int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")] = None,
+    workers: Annotated[
+        int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
-    no_cache: Annotated[bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")] = False,
-    labels: Annotated[Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")] = None,
-    val_fraction: Annotated[float, typer.Option(min=0.0, max=0.9, help="Recorded split: validation share.")] = 0.2,
+    no_cache: Annotated[
+        bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
+    ] = False,
+    labels: Annotated[
+        Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")
+    ] = None,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.0, max=0.9, help="Recorded split: validation share.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the recorded split.")] = 0,
 ) -> None:
     """Write the features of named layers (DeCAF-style) for every image of DATA.
@@ -231,24 +264,42 @@ def extract_features(
     """
     from finetune.decaf import ExtractOptions, extract_to_file
 
-    opts = ExtractOptions(data=data, out=out, backbone=backbone, layers=tuple(layer or ("pool",)), pool=pool.value,
-                          weights=weights, pretrained=pretrained, batch_size=batch_size, workers=workers,
-                          device=device, cache=not no_cache, val_fraction=val_fraction, seed=seed,
-                          labels_csv=labels)
+    opts = ExtractOptions(
+        data=data,
+        out=out,
+        backbone=backbone,
+        layers=tuple(layer or ("pool",)),
+        pool=pool.value,
+        weights=weights,
+        pretrained=pretrained,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        cache=not no_cache,
+        val_fraction=val_fraction,
+        seed=seed,
+        labels_csv=labels,
+    )
     s = extract_to_file(opts, log=_log)
     shapes = ", ".join(f"{t} {'x'.join(map(str, shape))}" for t, shape in s.shapes.items())
     typer.echo(f"wrote {s.out}: {s.images} images; {shapes}")
-    typer.echo(f"{s.seconds:.1f} s, {s.images / max(s.seconds, 1e-9):.0f} img/s ({s.engine}); "
-               f"cache hits {s.cache_hits}; skipped {len(s.skipped)}")
+    typer.echo(
+        f"{s.seconds:.1f} s, {s.images / max(s.seconds, 1e-9):.0f} img/s ({s.engine}); "
+        f"cache hits {s.cache_hits}; skipped {len(s.skipped)}"
+    )
 
 
 @app.command()
 def probe(
     file: Annotated[Path, typer.Argument(help="A features file written by extract-features.")],
-    layer: Annotated[list[str] | None, typer.Option("--layer", "-l", help="Layer(s) to probe (default: all).")] = None,
+    layer: Annotated[
+        list[str] | None, typer.Option("--layer", "-l", help="Layer(s) to probe (default: all).")
+    ] = None,
     head: Annotated[list[Head] | None, typer.Option(help="logreg and/or svm (default: both).")] = None,
     repeats: Annotated[int, typer.Option(min=1, help="Seeded stratified splits to average over.")] = 5,
-    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share of each split.")] = 0.2,
+    val_fraction: Annotated[
+        float, typer.Option(min=0.05, max=0.9, help="Validation share of each split.")
+    ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the first split.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
 ) -> None:
@@ -259,8 +310,15 @@ def probe(
     from finetune.decaf import probe_file
 
     heads = [h.value for h in head] if head else ["logreg", "svm"]
-    table = probe_file(file, layers=layer or (), heads=heads, repeats=repeats, val_fraction=val_fraction,
-                       seed=seed, progress=_log)
+    table = probe_file(
+        file,
+        layers=layer or (),
+        heads=heads,
+        repeats=repeats,
+        val_fraction=val_fraction,
+        seed=seed,
+        progress=_log,
+    )
     if as_json:
         _echo_json(table.to_dict())
         return
@@ -272,7 +330,9 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False) -> None:
+def cache_info_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
+) -> None:
     """Where the cache is and what it holds (one row per model x tap)."""
     from finetune.features import cache_info
     from finetune.paths import cache_root
@@ -283,7 +343,10 @@ def cache_info_cmd(as_json: Annotated[bool, typer.Option("--json", help="Machine
         return
     typer.echo(f"cache: {cache_root()}")
     for r in rows:
-        typer.echo(f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images {r['bytes'] / 2**20:8.1f} MiB")
+        typer.echo(
+            f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images "
+            f"{r['bytes'] / 2**20:8.1f} MiB"
+        )
     total = sum(r["bytes"] for r in rows)
     typer.echo(f"  {len(rows)} feature sets, {total / 2**20:.1f} MiB")
 
@@ -318,8 +381,16 @@ def evaluate(
     from finetune.evaluate import evaluate_run
     from finetune.report import print_evaluation
 
-    ev = evaluate_run(run_dir, data, out=out, device=device, workers=workers, labels_csv=labels,
-                      batch_size=batch_size, log=_log)
+    ev = evaluate_run(
+        run_dir,
+        data,
+        out=out,
+        device=device,
+        workers=workers,
+        labels_csv=labels,
+        batch_size=batch_size,
+        log=_log,
+    )
     if as_json:
         _echo_json(ev.to_dict())
         return
@@ -386,8 +457,13 @@ def check(
     """
     from finetune.doctor import check as check_data
 
-    report = check_data(data, val_fraction=val_fraction, seed=seed, labels_csv=labels,
-                        decoder=decoder.value if decoder else None)
+    report = check_data(
+        data,
+        val_fraction=val_fraction,
+        seed=seed,
+        labels_csv=labels,
+        decoder=decoder.value if decoder else None,
+    )
     if as_json:
         _echo_json(report.to_dict())
         return
@@ -403,7 +479,9 @@ def advise(
     data: Annotated[Path, typer.Argument(help="Image folder to measure.")],
     backbone: Annotated[str, typer.Option(help="ImageNet-pretrained backbone to measure with.")] = "lite0",
     sample: Annotated[int, typer.Option(min=8, help="Images to measure familiarity on.")] = 256,
-    labels: Annotated[Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")
+    ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable advice.")] = False,
 ) -> None:
@@ -415,18 +493,26 @@ def advise(
     from finetune.advise import format_advice
     from finetune.data import scan
 
-    advice = advise_data(scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample, log=_log)
+    advice = advise_data(
+        scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample, log=_log
+    )
     typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
 
 
 @app.command()
 def compare(
     data: Annotated[Path, typer.Argument(help="Image folder.")],
-    strategy: Annotated[list[str] | None, typer.Option("--strategy", "-s", help="Recipe to include (repeatable; "
-                                                       "default: all four).")] = None,
+    strategy: Annotated[
+        list[str] | None,
+        typer.Option("--strategy", "-s", help="Recipe to include (repeatable; default: all four)."),
+    ] = None,
     backbone: Annotated[str, typer.Option(help="Backbone name or alias.")] = "lite0",
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override for every recipe, key=value.")] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders and the plot go.")] = Path("runs"),
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Override for every recipe, key=value.")
+    ] = None,
+    out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders and the plot go.")] = Path(
+        "runs"
+    ),
     val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the shared split.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
@@ -439,8 +525,16 @@ def compare(
     from finetune.compare import compare as compare_strategies
     from finetune.recipes import STRATEGIES
 
-    opts = CompareOptions(data=data, strategies=tuple(strategy or STRATEGIES), backbone=backbone,
-                          overrides=tuple(set_ or ()), out=out, val_fraction=val_fraction, seed=seed, device=device)
+    opts = CompareOptions(
+        data=data,
+        strategies=tuple(strategy or STRATEGIES),
+        backbone=backbone,
+        overrides=tuple(set_ or ()),
+        out=out,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+    )
     rows, plot = compare_strategies(opts, log=_log)
     typer.echo(format_rows(rows))
     typer.echo(f"plot: {plot}")
@@ -454,8 +548,12 @@ class ExportFormat(str, Enum):
 @app.command()
 def export(
     run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
-    fmt: Annotated[ExportFormat, typer.Option("--format", "-f", help="onnx or pt2 (torch.export).")] = ExportFormat.onnx,
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model.FORMAT).")] = None,
+    fmt: Annotated[
+        ExportFormat, typer.Option("--format", "-f", help="onnx or pt2 (torch.export).")
+    ] = ExportFormat.onnx,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model.FORMAT).")
+    ] = None,
 ) -> None:
     """Write a run's model as a standalone ONNX or torch.export file, with a JSON of its preprocessing.
 
@@ -493,7 +591,9 @@ def runs_cmd(
 
 
 @app.command("recipes")
-def recipes_cmd(as_json: Annotated[bool, typer.Option("--json", help="Full resolved recipes.")] = False) -> None:
+def recipes_cmd(
+    as_json: Annotated[bool, typer.Option("--json", help="Full resolved recipes.")] = False,
+) -> None:
     """List the packaged recipes (the four cells of the transfer-learning table) and their key settings.
 
     Example: finetune recipes
@@ -509,9 +609,11 @@ def recipes_cmd(as_json: Annotated[bool, typer.Option("--json", help="Full resol
             keys = f"head={r.head} layer={r.layer} pool={r.pool} C={list(r.c_grid)}"
         else:
             m = r.lr_mult
-            keys = (f"epochs={r.epochs} {r.optimizer} lr={r.lr:g} lr_mult head/top/middle/bottom="
-                    f"{m.head:g}/{m.top:g}/{m.middle:g}/{m.bottom:g} top_stages={r.top_stages} "
-                    f"middle_stages={r.middle_stages}")
+            keys = (
+                f"epochs={r.epochs} {r.optimizer} lr={r.lr:g} lr_mult head/top/middle/bottom="
+                f"{m.head:g}/{m.top:g}/{m.middle:g}/{m.bottom:g} top_stages={r.top_stages} "
+                f"middle_stages={r.middle_stages}"
+            )
         typer.echo(f"{r.name:<18}{r.description}\n{'':<18}{keys}")
 
 

@@ -67,18 +67,39 @@ def compare(opts: CompareOptions, log: Callable[[str], None] = _stderr) -> tuple
     for s in opts.strategies:
         log(f"compare: {s}")
         t0 = time.perf_counter()
-        result = run(RunOptions(data=opts.data, strategy=s, backbone=opts.backbone, overrides=opts.overrides,
-                                out=opts.out, val_fraction=opts.val_fraction, seed=opts.seed, device=opts.device,
-                                workers=opts.workers), log=log)
+        result = run(
+            RunOptions(
+                data=opts.data,
+                strategy=s,
+                backbone=opts.backbone,
+                overrides=opts.overrides,
+                out=opts.out,
+                val_fraction=opts.val_fraction,
+                seed=opts.seed,
+                device=opts.device,
+                workers=opts.workers,
+            ),
+            log=log,
+        )
         seconds = time.perf_counter() - t0
         from finetune.runs import load_run
 
         model, _, _ = load_run(result.run_dir)
         method = load_recipe(s, None, opts.overrides).method
         n_train = result.index.counts("train")
-        images = sum(n_train.values()) * max(1, int(result.config.recipe.get("epochs", 1)) if method != "probe" else 1)
-        rows.append(CompareRow(s, float(result.metrics["val"]["accuracy"]), seconds, images / seconds,
-                               trainable_parameters(model, method, result.metrics), str(result.run_dir)))
+        images = sum(n_train.values()) * max(
+            1, int(result.config.recipe.get("epochs", 1)) if method != "probe" else 1
+        )
+        rows.append(
+            CompareRow(
+                s,
+                float(result.metrics["val"]["accuracy"]),
+                seconds,
+                images / seconds,
+                trainable_parameters(model, method, result.metrics),
+                str(result.run_dir),
+            )
+        )
     out = Path(opts.out)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     write_json(out / f"compare-{stamp}.json", [dataclasses.asdict(r) for r in rows])
@@ -113,5 +134,7 @@ def plot_compare(rows: list[CompareRow], path: Path) -> None:
 def format_rows(rows: list[CompareRow]) -> str:
     lines = [f"{'strategy':<18}{'val acc':>9}{'time s':>9}{'img/s':>9}{'trainable':>12}"]
     for r in rows:
-        lines.append(f"{r.strategy:<18}{r.accuracy:>9.4f}{r.seconds:>9.1f}{r.img_per_s:>9.1f}{r.trainable:>12,}")
+        lines.append(
+            f"{r.strategy:<18}{r.accuracy:>9.4f}{r.seconds:>9.1f}{r.img_per_s:>9.1f}{r.trainable:>12,}"
+        )
     return "\n".join(lines)

@@ -104,7 +104,9 @@ class DatasetIndex:
 
     def counts(self, split: str | None = None) -> dict[str, int]:
         """Images per class name, optionally in one split."""
-        c = Counter(self.labels[i] for i in range(len(self.paths)) if split is None or self.splits[i] == split)
+        c = Counter(
+            self.labels[i] for i in range(len(self.paths)) if split is None or self.splits[i] == split
+        )
         return {name: c.get(k, 0) for k, name in enumerate(self.classes)}
 
     def absolute(self, i: int) -> Path:
@@ -270,7 +272,9 @@ def scan(
     if not root.is_dir():
         raise DataError(f"{root} is not a folder", "pass a folder of class subfolders of images")
     if not 0.0 < val_fraction < 1.0:
-        raise DataError(f"--val-fraction {val_fraction} is out of range", "use a value between 0 and 1, e.g. 0.2")
+        raise DataError(
+            f"--val-fraction {val_fraction} is out of range", "use a value between 0 and 1, e.g. 0.2"
+        )
     root = root.resolve()
     found = _Found()
     if labels_csv is not None:
@@ -354,7 +358,8 @@ def _assemble(
         if small:
             raise DataError(
                 f"class {', '.join(small)} has fewer than 2 images",
-                "a class needs at least 2 (one to train on, one to validate); add images or remove the folder",
+                "a class needs at least 2 (one to train on, one to validate); "
+                "add images or remove the folder",
             )
         sub = stratified_split([labels[i] for i in pool], val_fraction, seed)
         for i, s in zip(pool, sub):

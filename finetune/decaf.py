@@ -65,8 +65,10 @@ def check_layers(model, layers: Sequence[str]) -> list[str]:
     known = taps(model)
     wrong = [t for t in layers if t not in known]
     if wrong:
-        raise BackboneError(f"unknown layer {', '.join(map(repr, wrong))} for this backbone",
-                            f"choose from {', '.join(known)}")
+        raise BackboneError(
+            f"unknown layer {', '.join(map(repr, wrong))} for this backbone",
+            f"choose from {', '.join(known)}",
+        )
     return list(dict.fromkeys(layers))
 
 
@@ -83,11 +85,24 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     for problem in index.problems:
         log(f"skipped {problem.path}: {problem.reason}")
-    bb = build(opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map)
+    bb = build(
+        opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map
+    )
     layers = check_layers(bb.model, opts.layers or ("pool",))
-    feats = extract_taps(bb, layers, opts.pool, index, range(len(index.paths)), bb.preprocessing,
-                         batch_size=opts.batch_size, workers=opts.workers, device=pick_device(opts.device),
-                         cache=opts.cache, log=log, description=f"features ({', '.join(layers)})")
+    feats = extract_taps(
+        bb,
+        layers,
+        opts.pool,
+        index,
+        range(len(index.paths)),
+        bb.preprocessing,
+        batch_size=opts.batch_size,
+        workers=opts.workers,
+        device=pick_device(opts.device),
+        cache=opts.cache,
+        log=log,
+        description=f"features ({', '.join(layers)})",
+    )
     first = feats[layers[0]]
     for pos, reason in sorted(first.bad.items()):
         log(f"skipped {index.paths[pos]}: {reason}")
@@ -104,12 +119,26 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
         "data": str(index.root),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_features(out, arrays, first.labels, list(index.classes), [index.paths[p] for p in rows],
-                   [index.splits[p] for p in rows], meta)
+    write_features(
+        out,
+        arrays,
+        first.labels,
+        list(index.classes),
+        [index.paths[p] for p in rows],
+        [index.splits[p] for p in rows],
+        meta,
+    )
     skipped = {index.paths[p]: r for p, r in first.bad.items()}
     skipped.update({str(p.path): p.reason for p in index.problems})
-    return ExtractSummary(out, {t: f.shape for t, f in feats.items()}, len(rows), skipped,
-                          first.seconds, first.hits, first.engine)
+    return ExtractSummary(
+        out,
+        {t: f.shape for t, f in feats.items()},
+        len(rows),
+        skipped,
+        first.seconds,
+        first.hits,
+        first.engine,
+    )
 
 
 # --------------------------------------------------------------------------- probe on saved features
@@ -131,8 +160,14 @@ class ProbeCell:
         return float(np.std(self.accs))
 
     def to_dict(self) -> dict:
-        return {"layer": self.layer, "head": self.head, "mean": self.mean, "std": self.std,
-                "accuracies": self.accs, "C": self.Cs}
+        return {
+            "layer": self.layer,
+            "head": self.head,
+            "mean": self.mean,
+            "std": self.std,
+            "accuracies": self.accs,
+            "C": self.Cs,
+        }
 
 
 @dataclass
@@ -151,25 +186,42 @@ class ProbeTable:
     def format(self) -> str:
         """The DeCAF table as text: rows = layers, columns = heads, cells = accuracy % mean ± std."""
         width = 16
-        lines = [f"validation accuracy (%), mean ± std over {self.repeats} stratified splits "
-                 f"({self.n_images} images, {self.n_classes} classes, {self.val_fraction:.0%} held out)",
-                 f"{'layer':<12}" + "".join(f"{h:>{width}}" for h in self.heads)]
+        lines = [
+            f"validation accuracy (%), mean ± std over {self.repeats} stratified splits "
+            f"({self.n_images} images, {self.n_classes} classes, {self.val_fraction:.0%} held out)",
+            f"{'layer':<12}" + "".join(f"{h:>{width}}" for h in self.heads),
+        ]
         for layer in self.layers:
             cells = [self.cell(layer, h) for h in self.heads]
-            lines.append(f"{layer:<12}" + "".join(f"{100 * c.mean:>{width - 6}.2f} ± {100 * c.std:<4.2f}"
-                                                  for c in cells))
+            lines.append(
+                f"{layer:<12}"
+                + "".join(f"{100 * c.mean:>{width - 6}.2f} ± {100 * c.std:<4.2f}" for c in cells)
+            )
         return "\n".join(lines)
 
     def to_dict(self) -> dict:
-        return {"layers": self.layers, "heads": self.heads, "repeats": self.repeats,
-                "val_fraction": self.val_fraction, "images": self.n_images, "classes": self.n_classes,
-                "cells": [c.to_dict() for c in self.cells]}
+        return {
+            "layers": self.layers,
+            "heads": self.heads,
+            "repeats": self.repeats,
+            "val_fraction": self.val_fraction,
+            "images": self.n_images,
+            "classes": self.n_classes,
+            "cells": [c.to_dict() for c in self.cells],
+        }
 
 
-def probe_features(taps: dict[str, np.ndarray], labels: np.ndarray, layers: Sequence[str],
-                   heads: Sequence[str] = ("logreg", "svm"), repeats: int = 5, val_fraction: float = 0.2,
-                   c_grid: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0), seed: int = 0,
-                   progress: Callable[[str], None] = _quiet) -> ProbeTable:
+def probe_features(
+    taps: dict[str, np.ndarray],
+    labels: np.ndarray,
+    layers: Sequence[str],
+    heads: Sequence[str] = ("logreg", "svm"),
+    repeats: int = 5,
+    val_fraction: float = 0.2,
+    c_grid: Sequence[float] = (0.001, 0.01, 0.1, 1.0, 10.0),
+    seed: int = 0,
+    progress: Callable[[str], None] = _quiet,
+) -> ProbeTable:
     """Per layer and head: validation accuracy over `repeats` seeded stratified splits.
 
     Split r uses seed `seed + r`, the same for every layer and head, so the cells compare
@@ -181,8 +233,10 @@ def probe_features(taps: dict[str, np.ndarray], labels: np.ndarray, layers: Sequ
     labels = np.asarray(labels, dtype=np.int64)
     counts = np.bincount(labels)
     if (counts[counts > 0] < 2).any() or (counts > 0).sum() < 2:
-        raise DataError("probing needs at least two classes with two images each",
-                        "extract features from a folder with more images")
+        raise DataError(
+            "probing needs at least two classes with two images each",
+            "extract features from a folder with more images",
+        )
     cells = [ProbeCell(layer, head) for layer in layers for head in heads]
     for r in range(repeats):
         split = np.asarray(stratified_split(labels, val_fraction, seed + r))
@@ -194,13 +248,20 @@ def probe_features(taps: dict[str, np.ndarray], labels: np.ndarray, layers: Sequ
             cell.accs.append(float((pred == labels[va]).mean()))
             cell.Cs.append(head.C)
         progress(f"split {r + 1}/{repeats} done")
-    return ProbeTable(list(layers), list(heads), cells, repeats, val_fraction, len(labels),
-                      int((counts > 0).sum()))
+    return ProbeTable(
+        list(layers), list(heads), cells, repeats, val_fraction, len(labels), int((counts > 0).sum())
+    )
 
 
-def probe_file(path: str | os.PathLike, layers: Sequence[str] = (), heads: Sequence[str] = ("logreg", "svm"),
-               repeats: int = 5, val_fraction: float = 0.2, seed: int = 0,
-               progress: Callable[[str], None] = _quiet) -> ProbeTable:
+def probe_file(
+    path: str | os.PathLike,
+    layers: Sequence[str] = (),
+    heads: Sequence[str] = ("logreg", "svm"),
+    repeats: int = 5,
+    val_fraction: float = 0.2,
+    seed: int = 0,
+    progress: Callable[[str], None] = _quiet,
+) -> ProbeTable:
     """`probe_features` on a file of `extract-features`; a file's test split is left out."""
     from finetune.featfile import read_features
 
@@ -208,9 +269,13 @@ def probe_file(path: str | os.PathLike, layers: Sequence[str] = (), heads: Seque
     layers = list(layers) or list(ff.taps)
     wrong = [t for t in layers if t not in ff.taps]
     if wrong:
-        raise DataError(f"{path} has no layer {', '.join(map(repr, wrong))}", f"choose from {', '.join(ff.taps)}")
+        raise DataError(
+            f"{path} has no layer {', '.join(map(repr, wrong))}", f"choose from {', '.join(ff.taps)}"
+        )
     if repeats < 1:
         raise DataError(f"--repeats must be at least 1, got {repeats}", "e.g. --repeats 5")
     keep = np.asarray([s != "test" for s in ff.splits])
     taps = {t: ff.taps[t][keep] for t in layers}
-    return probe_features(taps, ff.labels[keep], layers, heads, repeats, val_fraction, seed=seed, progress=progress)
+    return probe_features(
+        taps, ff.labels[keep], layers, heads, repeats, val_fraction, seed=seed, progress=progress
+    )

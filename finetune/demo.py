@@ -36,5 +36,8 @@ def run_demo(out: Path, log: Callable[[str], None], echo: Callable[[str], None])
     shown = predict(val, run_dir=result.run_dir)
     for row in shown.rows:
         truth = Path(row["path"]).parent.name
-        echo(f"  {Path(row['path']).name}: predicted {row.get('label')} (true {truth}), p={row.get('score', 0):.3f}")
+        echo(
+            f"  {Path(row['path']).name}: predicted {row.get('label')} (true {truth}), "
+            f"p={row.get('score', 0):.3f}"
+        )
     return acc

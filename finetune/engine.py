@@ -90,7 +90,9 @@ def engine_key(*parts: object) -> str:
     from finetune.runs import versions
 
     v = versions()
-    text = "|".join(map(str, parts)) + f"|torch={v.get('torch')}|timm={v.get('timm')}|tv={v.get('torchvision')}"
+    text = (
+        "|".join(map(str, parts)) + f"|torch={v.get('torch')}|timm={v.get('timm')}|tv={v.get('torchvision')}"
+    )
     return hashlib.sha256(text.encode()).hexdigest()[:24]
 
 

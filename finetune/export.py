@@ -24,7 +24,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     """Write the model file and `<name>.json`; returns the model file's path."""
     import torch
 
-    from finetune.runs import atomic_write, read_config, load_run, write_json
+    from finetune.runs import atomic_write, load_run, read_config, write_json
 
     if fmt not in FORMATS:
         raise RunError(f"unknown export format {fmt!r}", f"choose --format {' or '.join(FORMATS)}")
@@ -41,14 +41,23 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
                 import onnx  # noqa: F401
                 import onnxscript  # noqa: F401
             except ImportError:
-                raise RunError("ONNX export needs the onnx and onnxscript packages",
-                               'install them with: pip install -e ".[export]"') from None
+                raise RunError(
+                    "ONNX export needs the onnx and onnxscript packages",
+                    'install them with: pip install -e ".[export]"',
+                ) from None
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 batch = torch.export.Dim("batch", min=1, max=1024)
-                program = torch.onnx.export(model, (example,), dynamo=True, input_names=["images"],
-                                            output_names=["scores"], dynamic_shapes=({0: batch},),
-                                            external_data=False, verbose=False)
+                program = torch.onnx.export(
+                    model,
+                    (example,),
+                    dynamo=True,
+                    input_names=["images"],
+                    output_names=["scores"],
+                    dynamic_shapes=({0: batch},),
+                    external_data=False,
+                    verbose=False,
+                )
                 program.save(str(tmp))
         else:
             batch = torch.export.Dim("batch", min=1, max=1024)
@@ -58,13 +67,18 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     finally:
         tmp.unlink(missing_ok=True)
     atomic_write(target, lambda fh: fh.write(data))
-    write_json(target.with_suffix(".json"), {
-        "format": fmt,
-        "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
-        "preprocessing": config.preprocessing.to_dict(),
-        "class_names": classes,
-        "outputs": "logits: apply softmax" if config.probabilistic else "SVM scores: argmax, not probabilities",
-        "backbone": config.backbone,
-        "strategy": config.strategy,
-    })
+    write_json(
+        target.with_suffix(".json"),
+        {
+            "format": fmt,
+            "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
+            "preprocessing": config.preprocessing.to_dict(),
+            "class_names": classes,
+            "outputs": "logits: apply softmax"
+            if config.probabilistic
+            else "SVM scores: argmax, not probabilities",
+            "backbone": config.backbone,
+            "strategy": config.strategy,
+        },
+    )
     return target

@@ -181,8 +181,16 @@ def cache_info(root: Path | None = None) -> list[dict]:
                 ident = {}
             keys = sum(len(json.loads(m.read_text())) for m in d.glob("*.json") if m.name != "identity.json")
             size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
-            rows.append({"id": d.name, "model": ident.get("model", "?"), "tap": ident.get("tap", "?"),
-                         "pool": ident.get("pool", "?"), "rows": keys, "bytes": size})
+            rows.append(
+                {
+                    "id": d.name,
+                    "model": ident.get("model", "?"),
+                    "tap": ident.get("tap", "?"),
+                    "pool": ident.get("pool", "?"),
+                    "rows": keys,
+                    "bytes": size,
+                }
+            )
     return rows
 
 
@@ -202,8 +210,15 @@ def cache_clear(root: Path | None = None) -> int:
 # --------------------------------------------------------------------------- extraction
 
 
-def _run_engine(engine, index: DatasetIndex, positions: Sequence[int], preprocessing: Preprocessing,
-                batch_size: int, workers: int, description: str):
+def _run_engine(
+    engine,
+    index: DatasetIndex,
+    positions: Sequence[int],
+    preprocessing: Preprocessing,
+    batch_size: int,
+    workers: int,
+    description: str,
+):
     dataset = ImageDataset(index, positions, read=eval_reader(preprocessing))  # fast decoder by default
     loader = make_loader(dataset, batch_size, min(workers, max(0, len(dataset) // batch_size)))
     xs: list[np.ndarray] = []
@@ -270,8 +285,15 @@ def extract(
     dim = next(iter(rows.values())).shape[0] if rows else 0
     x_all = np.stack([rows[p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
     labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
-    return Features(x_all, np.asarray(kept, dtype=np.int64), labels, bad,
-                    time.perf_counter() - start, hits=len(found), engine=engine_name)
+    return Features(
+        x_all,
+        np.asarray(kept, dtype=np.int64),
+        labels,
+        bad,
+        time.perf_counter() - start,
+        hits=len(found),
+        engine=engine_name,
+    )
 
 
 # --------------------------------------------------------------------------- several taps, one pass
@@ -372,7 +394,7 @@ def extract_taps(
         bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         key_of = dict(zip(positions, keys)) if use_cache else {}
         for k, t in enumerate(taps):
-            block = x_new[:, bounds[k]:bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
+            block = x_new[:, bounds[k] : bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
             missing = [r for r, p in enumerate(p_new) if int(p) not in rows[t]]
             rows[t].update({int(p_new[r]): block[r] for r in missing})
             if use_cache and missing:
@@ -384,7 +406,19 @@ def extract_taps(
     out: dict[str, Features] = {}
     for k, t in enumerate(taps):
         dim = next(iter(rows[t].values())).shape[0] if rows[t] else 0
-        x = np.stack([rows[t][p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
-        out[t] = Features(x, np.asarray(kept, dtype=np.int64), labels, dict(bad), seconds,
-                          hits=len(found[t]), engine=engine_name, shape=shapes[k] if shapes else (dim,))
+        x = (
+            np.stack([rows[t][p] for p in kept]).astype(np.float32)
+            if kept
+            else np.zeros((0, dim), np.float32)
+        )
+        out[t] = Features(
+            x,
+            np.asarray(kept, dtype=np.int64),
+            labels,
+            dict(bad),
+            seconds,
+            hits=len(found[t]),
+            engine=engine_name,
+            shape=shapes[k] if shapes else (dim,),
+        )
     return out

@@ -92,8 +92,9 @@ def logreg_lbfgs(
     K' = 1 for two classes (one logistic row, as sklearn), else K (softmax rows). The objective
     (mean loss + ||W||^2 / (2 C n)) and its analytic gradient are evaluated in float32 matmuls and
     handed to scipy's L-BFGS-B with sklearn's own settings (ftol = 64 eps, maxls 50) but a
-    10x tighter gtol (1e-5 on the largest gradient entry; warm starts keep that cheap). No autograd and no torch.optim: the first `torch.optim`
-    step imports torch._dynamo (about 2-3 s), which would dominate a cached re-run.
+    10x tighter gtol (1e-5 on the largest gradient entry; warm starts keep that cheap). No
+    autograd and no torch.optim: the first `torch.optim` step imports torch._dynamo (about
+    2-3 s), which would dominate a cached re-run.
     """
     from scipy.optimize import minimize
 
@@ -132,8 +133,13 @@ def logreg_lbfgs(
         theta0 = np.zeros(rows * d + rows)
     else:
         theta0 = np.concatenate([init[0].numpy().ravel(), init[1].numpy().ravel()]).astype(np.float64)
-    res = minimize(objective, theta0, method="L-BFGS-B", jac=True,
-                   options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps})
+    res = minimize(
+        objective,
+        theta0,
+        method="L-BFGS-B",
+        jac=True,
+        options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps},
+    )
     w = torch.from_numpy(res.x[: rows * d].reshape(rows, d).astype(np.float32))
     b = torch.from_numpy(res.x[rows * d :].astype(np.float32))
     return w, b
@@ -155,7 +161,9 @@ def _cv_logreg_torch(
     k = int(y.max()) + 1
     correct = dict.fromkeys(c_grid, 0.0)
     mean_sol: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    for tr, va in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(x.numpy(), y.numpy()):
+    for tr, va in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(
+        x.numpy(), y.numpy()
+    ):
         xtr, mean, scale = _standardize(x[tr])
         xva = (x[va] - mean) / scale
         init = None
@@ -166,7 +174,9 @@ def _cv_logreg_torch(
             pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
             correct[C] += float((pred == y[va]).double().mean()) / folds
             prev = mean_sol.get(C)
-            mean_sol[C] = (w / folds, b / folds) if prev is None else (prev[0] + w / folds, prev[1] + b / folds)
+            mean_sol[C] = (
+                (w / folds, b / folds) if prev is None else (prev[0] + w / folds, prev[1] + b / folds)
+            )
     return correct, mean_sol
 
 

@@ -1,6 +1,6 @@
 """Where finetune keeps its own files (never inside the user's data folder).
 
-    cache_root()   # $FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune
+cache_root()   # $FINETUNE_CACHE, else $XDG_CACHE_HOME/finetune, else ~/.cache/finetune
 """
 
 from __future__ import annotations

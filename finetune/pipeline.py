@@ -128,7 +128,6 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     from finetune.backbones import build
     from finetune.features import pick_device
     from finetune.runs import RunConfig, new_run_dir, save_run, versions, write_json
-
     from finetune.train import shared_path, start_distributed, stop_distributed
 
     started = time.perf_counter()
@@ -139,15 +138,21 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
         from finetune.train import resume_options
 
         opts = resume_options(opts, log)  # the interrupted run's own backbone, split and recipe
-    load_recipe(opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides)
+    load_recipe(
+        opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides
+    )
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     strategy, advice = resolve_strategy(opts, index, log)
     recipe = load_recipe(strategy, opts.recipe_file, opts.overrides)
     torch.manual_seed(recipe.seed)
-    bb = build(opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map)
+    bb = build(
+        opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map
+    )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     if dist.world > 1 and recipe.method != "finetune":
-        raise RecipeError(f"{recipe.name} does not run under torchrun", "use partial-finetune or full-finetune")
+        raise RecipeError(
+            f"{recipe.name} does not run under torchrun", "use partial-finetune or full-finetune"
+        )
     if opts.resume is not None:
         run_dir = Path(opts.resume)
     else:
@@ -181,7 +186,11 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
         },
         versions=versions(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        extra={**outcome.extra, **({"advice": advice} if advice else {}), "device": str(pick_device(opts.device))},
+        extra={
+            **outcome.extra,
+            **({"advice": advice} if advice else {}),
+            "device": str(pick_device(opts.device)),
+        },
     )
     save_run(run_dir, outcome.model, config)
     write_json(run_dir / "metrics.json", metrics)

@@ -1,8 +1,8 @@
 """Classify image files with a run's model, or with ImageNet labels when there is no run.
 
-    result = predict(["img.jpg", "folder/"], run_dir=None, top_k=3)
-    result.source            # "runs/2026...-lite0-linear-probe" or "ImageNet-1k (lite0, no run found)"
-    result.rows[0]           # {"path": ..., "label": ..., "score": ..., "top": [...]}
+result = predict(["img.jpg", "folder/"], run_dir=None, top_k=3)
+result.source            # "runs/2026...-lite0-linear-probe" or "ImageNet-1k (lite0, no run found)"
+result.rows[0]           # {"path": ..., "label": ..., "score": ..., "top": [...]}
 """
 
 from __future__ import annotations
@@ -63,8 +63,13 @@ def _load_model(run_dir: str | os.PathLike | None, runs_root: str | os.PathLike)
     from finetune.backbones import DEFAULT_BACKBONE, build
 
     bb = build(DEFAULT_BACKBONE)
-    return bb.model, eval_reader(bb.preprocessing), imagenet_class_names(), \
-        f"ImageNet-1k labels ({DEFAULT_BACKBONE}; no run found under {runs_root})", "probability"
+    return (
+        bb.model,
+        eval_reader(bb.preprocessing),
+        imagenet_class_names(),
+        f"ImageNet-1k labels ({DEFAULT_BACKBONE}; no run found under {runs_root})",
+        "probability",
+    )
 
 
 @torch.inference_mode()

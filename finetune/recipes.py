@@ -125,7 +125,14 @@ _FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
 _MULT_FIELDS = {f.name for f in dataclasses.fields(LRMult)}
 _FLOAT = {"lr", "momentum", "weight_decay", "label_smoothing", "grad_clip", "augment_scale"}
 _INT = {
-    "epochs", "batch_size", "warmup_epochs", "top_stages", "middle_stages", "patience", "image_size", "seed",
+    "epochs",
+    "batch_size",
+    "warmup_epochs",
+    "top_stages",
+    "middle_stages",
+    "patience",
+    "image_size",
+    "seed",
 }
 _BOOL = {"augment"}
 _STR = {"name", "description"} | set(CHOICES)
@@ -166,8 +173,10 @@ def _check(key: str, value: Any) -> Any:
             raise bad("a number in [0, 1)")
         return float(value)
     if key == "c_grid":
-        if not isinstance(value, list) or not value or not all(
-            isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in value
+        if (
+            not isinstance(value, list)
+            or not value
+            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in value)
         ):
             raise bad("a non-empty list of positive numbers")
         return tuple(float(c) for c in value)
@@ -327,8 +336,13 @@ def param_groups(stages: list, recipe: Recipe, named_params: dict[str, Any], hea
     for role, params in [("head", list(head_params))] + [(r, by_role[r]) for r in reversed(ROLES)]:
         if params and mult[role] > 0:
             groups.append(
-                {"params": params, "lr": recipe.lr * mult[role], "weight_decay": recipe.weight_decay,
-                 "name": role, "lr_mult": mult[role]}
+                {
+                    "params": params,
+                    "lr": recipe.lr * mult[role],
+                    "weight_decay": recipe.weight_decay,
+                    "name": role,
+                    "lr_mult": mult[role],
+                }
             )
     return groups
 

@@ -18,6 +18,7 @@ full disk leaves the previous version intact.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import tempfile
@@ -52,10 +53,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             os.fsync(fh.fileno())
         os.replace(tmp, path)
     except BaseException:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
-        except FileNotFoundError:
-            pass
         raise
     try:
         dir_fd = os.open(path.parent, os.O_RDONLY)
@@ -152,7 +151,9 @@ class RunConfig:
                 extra=d.get("extra", {}),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise RunError(f"config.json is incomplete ({err})", "use a run folder written by `finetune run`") from None
+            raise RunError(
+                f"config.json is incomplete ({err})", "use a run folder written by `finetune run`"
+            ) from None
 
 
 def versions() -> dict[str, str]:
@@ -161,10 +162,8 @@ def versions() -> dict[str, str]:
 
     out = {}
     for pkg in ("finetune", "torch", "torchvision", "timm", "pillow", "scikit-learn", "numpy"):
-        try:
+        with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
-        except md.PackageNotFoundError:
-            pass
     return out
 
 
@@ -204,7 +203,9 @@ def latest_run(out: str | os.PathLike = "runs") -> Path | None:
 def read_config(run_dir: str | os.PathLike) -> RunConfig:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist", "pass a folder under runs/ (see `finetune runs`)")
+        raise RunError(
+            f"run folder {run_dir} does not exist", "pass a folder under runs/ (see `finetune runs`)"
+        )
     if not is_run(run_dir):
         raise RunError(
             f"{run_dir} is not a finetune run (no {CONFIG_FILE} and {MODEL_FILE})",
@@ -213,7 +214,9 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     try:
         raw = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise RunError(f"{run_dir / CONFIG_FILE} is not valid JSON ({err})", "re-run `finetune run`") from None
+        raise RunError(
+            f"{run_dir / CONFIG_FILE} is not valid JSON ({err})", "re-run `finetune run`"
+        ) from None
     return RunConfig.from_dict(raw)
 
 
@@ -245,11 +248,14 @@ def load_run(run_dir: str | os.PathLike):
     try:
         state = load_file(str(run_dir / MODEL_FILE))
     except (SafetensorError, OSError) as err:
-        raise RunError(f"{run_dir / MODEL_FILE} is not a valid safetensors file ({err})", "re-run `finetune run`") from None
+        raise RunError(
+            f"{run_dir / MODEL_FILE} is not a valid safetensors file ({err})", "re-run `finetune run`"
+        ) from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise RunError(
-            f"{run_dir / MODEL_FILE} does not match its config ({len(missing)} missing, {len(unexpected)} unexpected)",
+            f"{run_dir / MODEL_FILE} does not match its config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)",
             "re-run `finetune run`",
         )
     model.eval()
@@ -262,23 +268,31 @@ def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
     rows = []
     if not root.is_dir():
         return rows
-    for p in sorted((p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True):
+    for p in sorted(
+        (p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True
+    ):
         try:
             config = read_config(p)
-            metrics = json.loads((p / "metrics.json").read_text(encoding="utf-8")) if (p / "metrics.json").is_file() else {}
+            metrics = (
+                json.loads((p / "metrics.json").read_text(encoding="utf-8"))
+                if (p / "metrics.json").is_file()
+                else {}
+            )
         except (RunError, json.JSONDecodeError, OSError):
             continue  # a damaged folder is not a run to list
         split = metrics.get("headline", "val")
-        rows.append({
-            "run": p.name,
-            "path": str(p),
-            "backbone": config.backbone,
-            "strategy": config.strategy,
-            "tap": config.tap,
-            "classes": len(config.class_names),
-            "split": split,
-            "accuracy": metrics.get(split, {}).get("accuracy"),
-            "seconds": metrics.get("seconds"),
-            "created": config.created,
-        })
+        rows.append(
+            {
+                "run": p.name,
+                "path": str(p),
+                "backbone": config.backbone,
+                "strategy": config.strategy,
+                "tap": config.tap,
+                "classes": len(config.class_names),
+                "split": split,
+                "accuracy": metrics.get(split, {}).get("accuracy"),
+                "seconds": metrics.get("seconds"),
+                "created": config.created,
+            }
+        )
     return rows

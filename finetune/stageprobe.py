@@ -41,9 +41,18 @@ def stage_probe(ctx: RunContext) -> Outcome:
     candidates = stage_taps(ctx.backbone.model)
     t0 = time.perf_counter()
     feats = extract_taps(
-        ctx.backbone, candidates, recipe.pool, index, range(len(index.paths)), ctx.preprocessing,
-        batch_size=recipe.batch_size, workers=ctx.options.workers, device=pick_device(ctx.options.device),
-        cache=ctx.options.cache, log=ctx.log, description=f"features ({len(candidates)} stages)",
+        ctx.backbone,
+        candidates,
+        recipe.pool,
+        index,
+        range(len(index.paths)),
+        ctx.preprocessing,
+        batch_size=recipe.batch_size,
+        workers=ctx.options.workers,
+        device=pick_device(ctx.options.device),
+        cache=ctx.options.cache,
+        log=ctx.log,
+        description=f"features ({len(candidates)} stages)",
     )
     t1 = time.perf_counter()
     first = feats[candidates[0]]
@@ -54,13 +63,15 @@ def stage_probe(ctx: RunContext) -> Outcome:
         ctx.log(f"skipped {index.paths[pos]}: {reason}")
     ctx.check_classes()
     if not ctx.positions("val"):
-        raise DataError("stage-probe needs a validation split to choose a stage",
-                        "keep --val-fraction above 0, or add a val/ folder")
+        raise DataError(
+            "stage-probe needs a validation split to choose a stage",
+            "keep --val-fraction above 0, or add a val/ folder",
+        )
 
     rows, fitted = [], {}
     for tap in candidates:
         f: Features = feats[tap]
-        train, val = f.subset(ctx.positions("train")), f.subset(ctx.positions("val"))
+        train = f.subset(ctx.positions("train"))
         head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
         linear = fold(head)
         acc, _ = evaluate_split(ctx, f, "val", linear, head.kind)
@@ -79,9 +90,19 @@ def stage_probe(ctx: RunContext) -> Outcome:
         if ctx.positions(split):
             metrics[split], preds = evaluate_split(ctx, feats[best], split, linear, head.kind)
             predictions += preds
-    metrics["head"] = {"kind": head.kind, "C": head.C, "folds": head.n_folds,
-                       "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()}}
+    metrics["head"] = {
+        "kind": head.kind,
+        "C": head.C,
+        "folds": head.n_folds,
+        "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
+    }
     n = len(first.x)
-    metrics["timing"] = {"extract_s": round(t1 - t0, 3), "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
-                         "cache_hits": first.hits, "engine": first.engine, "fit_s": round(t2 - t1, 3), "images": n}
+    metrics["timing"] = {
+        "extract_s": round(t1 - t0, 3),
+        "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+        "cache_hits": first.hits,
+        "engine": first.engine,
+        "fit_s": round(t2 - t1, 3),
+        "images": n,
+    }
     return Outcome(Classifier(trunk, linear), best, head.kind, metrics, predictions)

@@ -94,8 +94,9 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]  # common checkpoint wrappers
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise WeightsError(f"{path.name} holds no state dict of tensors",
-                           "save it with torch.save(model.state_dict())")
+        raise WeightsError(
+            f"{path.name} holds no state dict of tensors", "save it with torch.save(model.state_dict())"
+        )
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 

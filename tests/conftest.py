@@ -1,7 +1,7 @@
 """Shared fixtures: tiny image folders made in code, and a guard that data folders stay untouched.
 
-    def test_x(image_folder):            # tmp/<data>/{red,blue}/*.png, 6 images per class
-    def test_y(make_folder):             # make_folder({"a": 3, "b": 2}, size=24, layout="split")
+def test_x(image_folder):            # tmp/<data>/{red,blue}/*.png, 6 images per class
+def test_y(make_folder):             # make_folder({"a": 3, "b": 2}, size=24, layout="split")
 """
 
 from __future__ import annotations
@@ -18,7 +18,13 @@ os.environ.setdefault("FINETUNE_PROGRESS", "0")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
 
 # Distinct, easily separable class looks: (base colour, stripe orientation).
-_LOOKS = [((220, 40, 40), 0), ((40, 60, 220), 1), ((40, 200, 60), 0), ((230, 200, 40), 1), ((150, 40, 200), 0)]
+_LOOKS = [
+    ((220, 40, 40), 0),
+    ((40, 60, 220), 1),
+    ((40, 200, 60), 0),
+    ((230, 200, 40), 1),
+    ((150, 40, 200), 0),
+]
 
 
 def class_image(k: int, i: int, size: int = 32) -> np.ndarray:
@@ -34,7 +40,9 @@ def class_image(k: int, i: int, size: int = 32) -> np.ndarray:
     return np.clip(img, 0, 255).astype(np.uint8)
 
 
-def write_images(folder: Path, k: int, n: int, size: int = 32, start: int = 0, ext: str = ".png") -> list[Path]:
+def write_images(
+    folder: Path, k: int, n: int, size: int = 32, start: int = 0, ext: str = ".png"
+) -> list[Path]:
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -62,8 +70,14 @@ def _private_cache(tmp_path_factory):
 def make_folder(tmp_path):
     """Factory: make_folder({"red": 6, "blue": 6}, size=32, layout="class"|"split", name="data")."""
 
-    def make(classes: dict[str, int] | None = None, size: int = 32, layout: str = "class", name: str = "data",
-             val: int = 2, test: int = 0) -> Path:
+    def make(
+        classes: dict[str, int] | None = None,
+        size: int = 32,
+        layout: str = "class",
+        name: str = "data",
+        val: int = 2,
+        test: int = 0,
+    ) -> Path:
         classes = classes or {"red": 6, "blue": 6}
         root = tmp_path / name
         for k, (cname, n) in enumerate(classes.items()):

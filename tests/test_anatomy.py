@@ -81,8 +81,16 @@ def test_parameter_counts_match_published(name):
 def test_vgg16_and_alexnet_stages_follow_the_paper():
     # VGG16: conv blocks of 2, 2, 3, 3, 3 convolutions (weight + bias each), then fc6, fc7, fc8.
     st = anatomy.stages(_meta("vgg16"))
-    assert [(s.name, s.size) for s in st] == [("stem", 4), ("stage1", 4), ("stage2", 6), ("stage3", 6),
-                                              ("stage4", 6), ("fc6", 2), ("fc7", 2), ("head", 2)]
+    assert [(s.name, s.size) for s in st] == [
+        ("stem", 4),
+        ("stage1", 4),
+        ("stage2", 6),
+        ("stage3", 6),
+        ("stage4", 6),
+        ("fc6", 2),
+        ("fc7", 2),
+        ("head", 2),
+    ]
     st = {s.name: s.params for s in anatomy.stages(_meta("alexnet"))}
     assert st["fc6"] == ("classifier.1.weight", "classifier.1.bias")
     assert st["fc7"] == ("classifier.4.weight", "classifier.4.bias")
@@ -92,12 +100,22 @@ def test_vgg16_and_alexnet_stages_follow_the_paper():
 def test_tap_shapes_by_hand():
     # AlexNet at 224: conv 11/4 pad 2 -> 55, pool 3/2 -> 27; conv 5 pad 2, pool -> 13; pool -> 6.
     assert anatomy.tap_shapes(_meta("alexnet"), 224) == {
-        "stem": (64, 27, 27), "stage1": (192, 13, 13), "stage2": (256, 6, 6),
-        "fc6": (4096,), "fc7": (4096,), "pool": (4096,)}
+        "stem": (64, 27, 27),
+        "stage1": (192, 13, 13),
+        "stage2": (256, 6, 6),
+        "fc6": (4096,),
+        "fc7": (4096,),
+        "pool": (4096,),
+    }
     # ResNet-50: stride 4 after the stem, then /1, /2, /2, /2; widths 64, 256, 512, 1024, 2048.
     assert anatomy.tap_shapes(_meta("resnet50"), 224) == {
-        "stem": (64, 56, 56), "stage1": (256, 56, 56), "stage2": (512, 28, 28), "stage3": (1024, 14, 14),
-        "stage4": (2048, 7, 7), "pool": (2048,)}
+        "stem": (64, 56, 56),
+        "stage1": (256, 56, 56),
+        "stage2": (512, 28, 28),
+        "stage3": (1024, 14, 14),
+        "stage4": (2048, 7, 7),
+        "pool": (2048,),
+    }
     # ZFNet conv1 7/2 pad 1: (224 + 2 - 7) // 2 + 1 = 110, then pool 3/2 pad 1 -> 55.
     assert anatomy.tap_shapes(_meta("zfnet"), 224)["stem"] == (96, 55, 55)
 
@@ -185,8 +203,9 @@ def test_multi_trunk_equals_single_trunks_and_exports_to_onnx(tmp_path):
             single = anatomy.build_trunk(copy.deepcopy(model), tap, "avg").eval()(x)
         torch.testing.assert_close(out, single, atol=1e-5, rtol=1e-5)
     path = tmp_path / "multi.onnx"
-    torch.onnx.export(multi, (x,), str(path), input_names=["images"], dynamo=False,
-                      dynamic_axes={"images": {0: "batch"}})
+    torch.onnx.export(
+        multi, (x,), str(path), input_names=["images"], dynamo=False, dynamic_axes={"images": {0: "batch"}}
+    )
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     got = sess.run(None, {"images": x.numpy()})
     assert len(got) == len(names)
@@ -197,8 +216,17 @@ def test_multi_trunk_equals_single_trunks_and_exports_to_onnx(tmp_path):
 def test_torchvision_rules_cover_the_lecture_families():
     import torchvision
 
-    for arch in ("resnet18", "vgg11", "densenet121", "mobilenet_v2", "mobilenet_v3_large", "efficientnet_b0",
-                 "googlenet", "inception_v3", "alexnet"):
+    for arch in (
+        "resnet18",
+        "vgg11",
+        "densenet121",
+        "mobilenet_v2",
+        "mobilenet_v3_large",
+        "efficientnet_b0",
+        "googlenet",
+        "inception_v3",
+        "alexnet",
+    ):
         kw = {"aux_logits": False, "init_weights": False} if arch in ("googlenet", "inception_v3") else {}
         with torch.device("meta"):
             model = torchvision.models.get_model(arch, **kw)

@@ -113,8 +113,21 @@ def test_mismatched_shapes_and_pickles_are_refused_in_one_line(tmp_path, make_fo
             return (os.system, (f"touch {marker}",))
 
     (tmp_path / "evil.pt").write_bytes(pickle.dumps({"w": Evil()}))
-    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "test_resnet", "--weights",
-                                                str(tmp_path / "evil.pt"), "-o", str(tmp_path / "runs")]))
+    line = _one_error_line(
+        runner.invoke(
+            app,
+            [
+                "run",
+                str(data),
+                "--backbone",
+                "test_resnet",
+                "--weights",
+                str(tmp_path / "evil.pt"),
+                "-o",
+                str(tmp_path / "runs"),
+            ],
+        )
+    )
     assert "refused" in line
     assert not marker.exists()
 
@@ -122,12 +135,14 @@ def test_mismatched_shapes_and_pickles_are_refused_in_one_line(tmp_path, make_fo
 def test_no_offline_weights_names_every_remedy(empty_hubs, make_folder):
     data = make_folder({"a": 3, "b": 3}, size=32)
     assert weights_status(resolve("vgg16")) == "not available offline"
-    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "vgg16",
-                                                "-o", str(empty_hubs / "runs")]))
+    line = _one_error_line(
+        runner.invoke(app, ["run", str(data), "--backbone", "vgg16", "-o", str(empty_hubs / "runs")])
+    )
     assert "--weights FILE" in line and "--no-pretrained" in line
     assert str(empty_hubs / "hf") in line and "timm/vgg16.tv_in1k" in line
-    line = _one_error_line(runner.invoke(app, ["run", str(data), "--backbone", "tv:alexnet",
-                                                "-o", str(empty_hubs / "runs")]))
+    line = _one_error_line(
+        runner.invoke(app, ["run", str(data), "--backbone", "tv:alexnet", "-o", str(empty_hubs / "runs")])
+    )
     assert str(empty_hubs / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in line
 
 
@@ -154,7 +169,20 @@ def test_run_with_a_weights_file_works_offline(empty_hubs, make_folder, tmp_path
     data = make_folder({"a": 4, "b": 4}, size=32)
     torch.manual_seed(2)
     save_file(build("resnet18", pretrained=False).model.state_dict(), str(tmp_path / "r18.safetensors"))
-    result = runner.invoke(app, ["run", str(data), "--backbone", "resnet18", "--weights",
-                                 str(tmp_path / "r18.safetensors"), "--set", "image_size=64",
-                                 "-o", str(tmp_path / "runs"), "--no-cache"])
+    result = runner.invoke(
+        app,
+        [
+            "run",
+            str(data),
+            "--backbone",
+            "resnet18",
+            "--weights",
+            str(tmp_path / "r18.safetensors"),
+            "--set",
+            "image_size=64",
+            "-o",
+            str(tmp_path / "runs"),
+            "--no-cache",
+        ],
+    )
     assert result.exit_code == 0, result.output

@@ -40,7 +40,7 @@ def _crops(img: np.ndarray, n: int, rng) -> list[Image.Image]:
         s = rng.uniform(0.6, 1.0)
         ch, cw = int(h * s), int(w * s)
         y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        out.append(Image.fromarray(img[y0:y0 + ch, x0:x0 + cw]))
+        out.append(Image.fromarray(img[y0 : y0 + ch, x0 : x0 + cw]))
     return out
 
 
@@ -67,7 +67,9 @@ def three_sets(tmp_path_factory):
     for k in (0, 1, 2):
         (digits / str(k)).mkdir(parents=True)
         for i, img in enumerate(d.images[d.target == k][:8]):
-            Image.fromarray((255 - img * 255 / 16).astype(np.uint8)).resize((24, 24)).save(digits / str(k) / f"{i}.png")
+            Image.fromarray((255 - img * 255 / 16).astype(np.uint8)).resize((24, 24)).save(
+                digits / str(k) / f"{i}.png"
+            )
     return {"photos": photos, "textures": textures, "digits": digits}
 
 
@@ -105,7 +107,7 @@ def test_advise_command_and_auto_strategy(three_sets, tmp_path):
     before = tree_digest(data)
     res = invoke("advise", data, "--sample", "16", "--json")
     assert res.exit_code == 0, res.output
-    advice = json.loads(res.output[res.output.index("{"):])  # after the progress line on stderr
+    advice = json.loads(res.output[res.output.index("{") :])  # after the progress line on stderr
     assert advice["strategy"] == "linear-probe" and "familiarity" in advice["reason"]
     res = invoke("run", data, "--strategy", "auto", "--out", tmp_path / "runs", "--set", "image_size=64")
     assert res.exit_code == 0, res.output
@@ -188,8 +190,18 @@ def test_recipes_lists_the_four_cells_with_the_lecture_multipliers():
 
 def test_compare_prints_one_row_per_strategy_and_a_plot(a_run, tmp_path):
     data = a_run.parent.parent / "data"
-    res = invoke("compare", data, "-s", "linear-probe", "-s", "stage-probe", "--out", tmp_path / "cmp",
-                 "--set", "image_size=64")
+    res = invoke(
+        "compare",
+        data,
+        "-s",
+        "linear-probe",
+        "-s",
+        "stage-probe",
+        "--out",
+        tmp_path / "cmp",
+        "--set",
+        "image_size=64",
+    )
     assert res.exit_code == 0, res.output
     lines = res.output.strip().splitlines()
     table = [ln for ln in lines if ln.split() and ln.split()[0] in ("linear-probe", "stage-probe")]

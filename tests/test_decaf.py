@@ -102,7 +102,9 @@ def test_feature_files_load_without_pickle(make_folder, tmp_path, weights_file):
     assert _extract(data, st, weights_file, "pool").exit_code == 0
     with np.load(npz, allow_pickle=False) as z:  # raises if anything needs pickle
         assert z["labels"].tolist() == [0, 0, 0, 1, 1, 1]
-        assert z["paths"].tolist() == [f"x/img_{i:03d}.png" for i in range(3)] + [f"y/img_{i:03d}.png" for i in range(3)]
+        assert z["paths"].tolist() == [f"x/img_{i:03d}.png" for i in range(3)] + [
+            f"y/img_{i:03d}.png" for i in range(3)
+        ]
         x_npz = z["feat.pool"]
     with safe_open(str(st), framework="numpy") as f:
         meta = f.metadata()
@@ -158,7 +160,9 @@ def test_probe_table_matches_sklearn_on_the_same_splits():
     digits = load_digits()
     x, y = digits.data[:400].astype(np.float32), digits.target[:400]
     noise = np.random.default_rng(0).normal(size=(400, 16)).astype(np.float32)
-    table = probe_features({"pixels": x, "noise": noise}, y, ["pixels", "noise"], heads=("logreg",), repeats=3)
+    table = probe_features(
+        {"pixels": x, "noise": noise}, y, ["pixels", "noise"], heads=("logreg",), repeats=3
+    )
     pixels = table.cell("pixels", "logreg")
     assert len(pixels.accs) == 3 and pixels.mean > 0.9 and table.cell("noise", "logreg").mean < 0.3
     for r, C in enumerate(pixels.Cs):
@@ -180,7 +184,7 @@ def test_probe_command_prints_the_layer_by_head_table(make_folder, tmp_path, wei
     rows = [ln.split()[0] for ln in res.output.splitlines() if "±" in ln and not ln.startswith("validation")]
     assert rows == ["stage1", "pool"] and "logreg" in res.output and "svm" in res.output
     res = invoke("probe", out, "--layer", "pool", "--head", "svm", "--repeats", "2", "--json")
-    table = json.loads(res.output[res.output.index("{"):])  # after the progress lines on stderr
+    table = json.loads(res.output[res.output.index("{") :])  # after the progress lines on stderr
     assert [(c["layer"], c["head"], len(c["accuracies"])) for c in table["cells"]] == [("pool", "svm", 2)]
 
 

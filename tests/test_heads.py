@@ -47,7 +47,9 @@ def test_folded_svm_matches_sklearn_decisions(n_classes):
     agree = (scores.argmax(1) == ref.predict(scaler.transform(x))).mean()
     assert agree >= 0.99
     if n_classes == 2:  # two rows -w/2, +w/2: their difference is sklearn's decision function
-        np.testing.assert_allclose(scores[:, 1] - scores[:, 0], ref.decision_function(scaler.transform(x)), atol=1e-3)
+        np.testing.assert_allclose(
+            scores[:, 1] - scores[:, 0], ref.decision_function(scaler.transform(x)), atol=1e-3
+        )
 
 
 def test_binary_fold_has_two_symmetric_rows():
@@ -62,7 +64,7 @@ def test_c_is_chosen_by_cross_validation_and_fixed_when_too_few():
     x, y = _blobs(3)
     head = fit_head(x, y, c_grid=(0.001, 1.0))
     assert head.n_folds == 3 and set(head.cv_scores) == {0.001, 1.0}
-    assert head.C == max(head.cv_scores, key=head.cv_scores.get)
+    assert max(head.cv_scores, key=head.cv_scores.get) == head.C
     # One image of a class in train: no CV possible, C = 1 said aloud by the caller.
     y1 = y.copy()
     y1[y1 == 2] = 1

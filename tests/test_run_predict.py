@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from typer.testing import CliRunner
@@ -34,8 +33,8 @@ def one_line_error(result, *needles: str) -> None:
 
 def test_packaged_lite0_knows_imagenet():
     """The default backbone's real weights: china.jpg is a palace/temple, flower.jpg a daisy."""
-    from sklearn.datasets import load_sample_images
     from PIL import Image
+    from sklearn.datasets import load_sample_images
 
     from finetune.backbones import build
     from finetune.data import eval_transform
@@ -125,8 +124,8 @@ def test_unreadable_files_are_skipped_and_reported(make_folder, runs_dir):
 
 
 def test_predict_without_a_run_uses_imagenet_labels(tmp_path):
-    from sklearn.datasets import load_sample_images
     from PIL import Image
+    from sklearn.datasets import load_sample_images
 
     Image.fromarray(load_sample_images().images[1]).save(tmp_path / "flower.jpg")
     res = invoke("predict", tmp_path / "flower.jpg", "--runs", tmp_path / "none", "--top-k", "3")
@@ -179,7 +178,9 @@ def test_data_mistakes_exit_2_with_one_line(tmp_path, case, needles):
 
 def test_backbone_strategy_and_run_folder_mistakes(image_folder, tmp_path):
     one_line_error(invoke("run", image_folder, "--backbone", "resnet5O"), "unknown backbone", "did you mean")
-    one_line_error(invoke("run", image_folder, "--strategy", "linear-prob"), "unknown strategy", "linear-probe")
+    one_line_error(
+        invoke("run", image_folder, "--strategy", "linear-prob"), "unknown strategy", "linear-probe"
+    )
     one_line_error(invoke("predict", image_folder, "--run", tmp_path), "not a finetune run")
     one_line_error(invoke("run", image_folder, "--no-such-flag"), "No such option")
 
