@@ -8,11 +8,11 @@ so the saved model is a plain module: trunk -> Linear::
     linear = fold(head)                                    # nn.Linear(D, K)
     model = Classifier(trunk, linear)
 
-Logistic regression is solved by full-batch L-BFGS (scipy) on scikit-learn's exact objective
-(mean cross-entropy + ||W||^2 / (2 C n), intercept unpenalized; binary problems as one
-logistic row, like sklearn), warm-started along the C path: the same model as sklearn's
-LogisticRegression(lbfgs) — which stays the reference in the tests — several times faster.
-`solver="sklearn"` uses sklearn itself. The linear SVM is sklearn's LinearSVC (liblinear).
+Both heads are solved by full-batch L-BFGS (scipy) on scikit-learn's exact objectives,
+warm-started along the C path: logistic regression as LogisticRegression(lbfgs) (mean
+cross-entropy + ||W||^2 / (2 C n), intercept unpenalized, binary problems as one row) and
+the linear SVM as LinearSVC (one-vs-rest squared hinge, intercept penalized as liblinear
+does). sklearn stays the reference in the tests; `solver="sklearn"` uses it directly.
 
 Folding: scores = W ((x - mu) / sigma) + b = (W / sigma) x + (b - (W / sigma) mu).
 Binary sklearn models have one row w: logistic p = sigmoid(w.x + b) equals the softmax of
@@ -78,55 +78,72 @@ def cv_folds(y: np.ndarray) -> int:
     return int(min(3, np.bincount(y).min()))
 
 
-def logreg_lbfgs(
+def _targets(y: np.ndarray, n_classes: int, rows: int, signed: bool) -> np.ndarray:
+    """(n, K') targets: one-hot (or 0/1 for one row); `signed` maps 0/1 to -1/+1 (hinge losses)."""
+    if rows == 1:
+        t = (y == 1).astype(np.float32)[:, None]
+    else:
+        t = np.zeros((len(y), rows), np.float32)
+        t[np.arange(len(y)), y] = 1.0
+    return 2 * t - 1 if signed else t
+
+
+def _logreg_loss(z: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean logistic (one row) or softmax cross-entropy loss of logits z (n, K'), and dloss/dz."""
+    n = len(z)
+    if z.shape[1] == 1:
+        loss = float(np.mean(np.logaddexp(0.0, z) - t * z))  # log(1 + e^z) - y z, stably
+        p = np.exp(-np.logaddexp(0.0, -z))  # sigmoid
+    else:
+        zmax = z.max(axis=1, keepdims=True)
+        ez = np.exp(z - zmax)
+        norm = ez.sum(axis=1, keepdims=True)
+        loss = float(np.mean(np.log(norm[:, 0]) + zmax[:, 0] - (z * t).sum(axis=1)))
+        p = ez / norm
+    return loss, (p - t) / n
+
+
+def _svm_loss(z: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
+    """Mean one-vs-rest squared hinge of scores z (n, K') for signed targets t, and dloss/dz."""
+    slack = np.maximum(0.0, 1.0 - t * z)  # (n, K')
+    return float((slack * slack).sum() / len(z)), -2.0 * t * slack / len(z)
+
+
+def _lbfgs(
     x: torch.Tensor,
     y: torch.Tensor,
     n_classes: int,
     C: float,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_iter: int = 500,
-    tol: float = 1e-5,
+    init: tuple[torch.Tensor, torch.Tensor] | None,
+    kind: str,
+    max_iter: int,
+    tol: float,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """sklearn's L2 logistic regression on standardized x (n, d): returns coef (K', d), intercept (K',).
+    """Minimize mean loss + ||W||^2 / (2 C n) (+ b^2 / (2 C n) for the SVM) with scipy's L-BFGS-B.
 
-    K' = 1 for two classes (one logistic row, as sklearn), else K (softmax rows). The objective
-    (mean loss + ||W||^2 / (2 C n)) and its analytic gradient are evaluated in float32 matmuls and
-    handed to scipy's L-BFGS-B with sklearn's own settings (ftol = 64 eps, maxls 50) but a
-    10x tighter gtol (1e-5 on the largest gradient entry; warm starts keep that cheap). No
-    autograd and no torch.optim: the first `torch.optim` step imports torch._dynamo (about
+    The objective and its analytic gradient are float32 matmuls; scipy runs L-BFGS-B with
+    sklearn's own settings (ftol = 64 eps, maxls 50), gtol = `tol` on the largest gradient entry.
+    No autograd and no torch.optim: the first `torch.optim` step imports torch._dynamo (about
     2-3 s), which would dominate a cached re-run.
     """
     from scipy.optimize import minimize
 
-    xn = x.numpy().astype(np.float32, copy=False)
-    yn = y.numpy()
+    xn = x.numpy().astype(np.float32, copy=False)  # (n, d)
     n, d = xn.shape
     rows = 1 if n_classes == 2 else n_classes
-    penalty = 1.0 / (C * n)  # gradient of ||W||^2 / (2 C n)
-    if rows == 1:
-        target = yn.astype(np.float32)[:, None]  # (n, 1)
-    else:
-        target = np.zeros((n, rows), np.float32)
-        target[np.arange(n), yn] = 1.0  # (n, K) one-hot
+    t = _targets(y.numpy(), n_classes, rows, signed=kind == "svm")
+    loss_fn = _svm_loss if kind == "svm" else _logreg_loss
+    # liblinear (LinearSVC) penalizes the intercept like a weight; sklearn's logistic lbfgs does not.
+    reg_b = 1.0 if kind == "svm" else 0.0
+    penalty = 1.0 / (C * n)
 
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
-        w = theta[: rows * d].reshape(rows, d).astype(np.float32)
-        b = theta[rows * d :].astype(np.float32)
-        z = xn @ w.T + b  # (n, K')
-        if rows == 1:
-            # log(1 + e^z) - y z, stably; p = sigmoid(z)
-            loss = float(np.mean(np.logaddexp(0.0, z) - target * z))
-            p = np.exp(-np.logaddexp(0.0, -z))
-        else:
-            zmax = z.max(axis=1, keepdims=True)
-            ez = np.exp(z - zmax)
-            norm = ez.sum(axis=1, keepdims=True)
-            loss = float(np.mean(np.log(norm[:, 0]) + zmax[:, 0] - (z * target).sum(axis=1)))
-            p = ez / norm
-        r = (p - target) / n  # (n, K')
-        gw = r.T @ xn + penalty * w  # (K', d)
-        gb = r.sum(axis=0)
-        loss += 0.5 * penalty * float(np.dot(theta[: rows * d], theta[: rows * d]))
+        w = theta[: rows * d].reshape(rows, d).astype(np.float32)  # (K', d)
+        b = theta[rows * d :].astype(np.float32)  # (K',)
+        loss, r = loss_fn(xn @ w.T + b, t)  # r: dloss/dz, (n, K')
+        loss += 0.5 * penalty * (float(np.dot(theta[: rows * d], theta[: rows * d])) + reg_b * float(b @ b))
+        gw = r.T @ xn + penalty * w
+        gb = r.sum(axis=0) + reg_b * penalty * b
         return loss, np.concatenate([gw.ravel(), gb]).astype(np.float64)
 
     if init is None:
@@ -145,6 +162,43 @@ def logreg_lbfgs(
     return w, b
 
 
+def logreg_lbfgs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    C: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 500,
+    tol: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's L2 logistic regression on standardized x (n, d): returns coef (K', d), intercept (K',).
+
+    K' = 1 for two classes (one logistic row, as sklearn), else K (softmax rows); the intercept
+    is not penalized. gtol is 10x tighter than sklearn's default (warm starts keep that cheap).
+    """
+    return _lbfgs(x, y, n_classes, C, init, "logreg", max_iter, tol)
+
+
+def svm_lbfgs(
+    x: torch.Tensor,
+    y: torch.Tensor,
+    n_classes: int,
+    C: float,
+    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_iter: int = 1000,
+    tol: float = 1e-5,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """sklearn's LinearSVC (squared hinge, L2, one-vs-rest, intercept penalized like liblinear).
+
+    Its primal 0.5 (||w||^2 + b^2) + C sum(max(0, 1 - y (w.x + b))^2), divided by C n, is smooth,
+    so L-BFGS solves it directly; K' = 1 row for two classes, as sklearn.
+    """
+    return _lbfgs(x, y, n_classes, C, init, "svm", max_iter, tol)
+
+
+SOLVERS = {"logreg": logreg_lbfgs, "svm": svm_lbfgs}
+
+
 def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     mean = x.mean(0)
     scale = x.std(0, unbiased=False)
@@ -152,8 +206,8 @@ def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Ten
     return (x - mean) / scale, mean, scale
 
 
-def _cv_logreg_torch(
-    x: torch.Tensor, y: torch.Tensor, c_grid, folds: int, seed: int
+def _cv_lbfgs(
+    x: torch.Tensor, y: torch.Tensor, kind: str, c_grid, folds: int, seed: int
 ) -> tuple[dict[float, float], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
     """Mean CV accuracy per C, and the fold-averaged solution per C (a warm start for the refit)."""
     from sklearn.model_selection import StratifiedKFold
@@ -168,7 +222,7 @@ def _cv_logreg_torch(
         xva = (x[va] - mean) / scale
         init = None
         for C in sorted(c_grid):  # warm start along the path: small C (strong penalty) first
-            w, b = logreg_lbfgs(xtr, y[tr], k, C, init)
+            w, b = SOLVERS[kind](xtr, y[tr], k, C, init)
             init = (w, b)
             z = xva @ w.T + b
             pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
@@ -186,7 +240,7 @@ def fit_head(
     kind: str = "logreg",
     c_grid: tuple[float, ...] = C_GRID,
     seed: int = 0,
-    solver: str = "torch",
+    solver: str = "lbfgs",
 ) -> FittedHead:
     """Standardize, choose C by stratified k-fold CV on (x, y), refit on all of it.
 
@@ -196,7 +250,7 @@ def fit_head(
         kind: "logreg" (probabilities) or "svm" (scores).
         c_grid: inverse regularization strengths to try.
         seed: for the fold assignment.
-        solver: "torch" (L-BFGS, default for logreg) or "sklearn".
+        solver: "lbfgs" (ours, the default) or "sklearn" (LogisticRegression / LinearSVC).
     """
     from sklearn.model_selection import StratifiedKFold, cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -208,7 +262,7 @@ def fit_head(
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y)
     folds = cv_folds(y)
-    use_torch = kind == "logreg" and solver == "torch"
+    use_lbfgs = solver == "lbfgs"
     scores: dict[float, float] = {}
     warm: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
     # float32 halves the work of every L-BFGS step; the features are float32 anyway.
@@ -219,8 +273,8 @@ def fit_head(
     with warnings.catch_warnings(), threadpool_limits(1 if small else None):
         warnings.simplefilter("ignore")  # convergence chatter on tiny folds
         if folds >= 2 and len(c_grid) > 1:
-            if use_torch:
-                scores, warm = _cv_logreg_torch(xt, yt, c_grid, folds, seed)
+            if use_lbfgs:
+                scores, warm = _cv_lbfgs(xt, yt, kind, c_grid, folds, seed)
             else:
                 cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
                 for C in c_grid:
@@ -230,9 +284,9 @@ def fit_head(
         else:
             folds = 0
             best = 1.0 if len(c_grid) != 1 else c_grid[0]
-        if use_torch:
+        if use_lbfgs:
             xs, mean_t, scale_t = _standardize(xt)
-            w, b = logreg_lbfgs(xs, yt, int(y.max()) + 1, best, warm.get(best))
+            w, b = SOLVERS[kind](xs, yt, int(y.max()) + 1, best, warm.get(best))
             coef, intercept = w.numpy(), b.numpy()
             mean, scale = mean_t.numpy(), scale_t.numpy()
         else:
