@@ -22,7 +22,7 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -236,66 +236,6 @@ def _run_engine(
     return x_all.astype(np.float32, copy=False), p_all.astype(np.int64), bad
 
 
-def extract(
-    trunk: nn.Module,
-    index: DatasetIndex,
-    positions: Sequence[int],
-    preprocessing: Preprocessing,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str | torch.device = "cpu",
-    description: str = "extracting features",
-    identity: FeatureIdentity | None = None,
-    cache: bool = True,
-    log=None,
-) -> Features:
-    """Pooled features of `positions`; cached rows are reused, undecodable files returned in `bad`.
-
-    Args:
-        trunk: images (B, 3, H, W) -> (B, D), frozen.
-        identity: what the features depend on; None disables the cache (and the ONNX engine).
-        cache: read and write the feature cache.
-    """
-    from finetune.engine import engine_key, make_engine
-
-    start = time.perf_counter()
-    device = torch.device(device)
-    positions = [int(p) for p in positions]
-    use_cache = cache and identity is not None
-    store = FeatureCache(identity) if use_cache else None
-    keys = [file_key(index.absolute(p)) for p in positions] if store else []
-    found = store.lookup(keys) if store else {}
-    todo = [p for i, p in enumerate(positions) if i not in found]
-
-    rows: dict[int, np.ndarray] = {positions[i]: v for i, v in found.items()}
-    bad: dict[int, str] = {}
-    engine_name = "cache" if not todo else ""
-    if todo:
-        key = engine_key(identity.digest, preprocessing.input_size) if identity else None
-        engine = make_engine(trunk, key, preprocessing.input_size, device, log=log)
-        engine_name = engine.name
-        workers = default_workers() if workers is None else workers
-        x_new, p_new, bad = _run_engine(engine, index, todo, preprocessing, batch_size, workers, description)
-        rows.update({int(p): v for p, v in zip(p_new, x_new)})
-        if store is not None and len(p_new):
-            key_of = dict(zip(positions, keys))
-            store.store([key_of[int(p)] for p in p_new], x_new)
-
-    kept = [p for p in positions if p in rows]
-    dim = next(iter(rows.values())).shape[0] if rows else 0
-    x_all = np.stack([rows[p] for p in kept]).astype(np.float32) if kept else np.zeros((0, dim), np.float32)
-    labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
-    return Features(
-        x_all,
-        np.asarray(kept, dtype=np.int64),
-        labels,
-        bad,
-        time.perf_counter() - start,
-        hits=len(found),
-        engine=engine_name,
-    )
-
-
 # --------------------------------------------------------------------------- several taps, one pass
 
 
@@ -357,35 +297,110 @@ def extract_taps(
     """
     import copy
 
-    from finetune.anatomy import build_trunk
-    from finetune.engine import engine_key, make_engine
+    from finetune.anatomy import build_multi_trunk, build_trunk
 
-    start = time.perf_counter()
     taps = list(dict.fromkeys(taps))
-    positions = [int(p) for p in positions]
-    idents = {t: FeatureIdentity.of(backbone, t, pool, preprocessing) for t in taps}
-    use_cache = cache and pool != "none" and all(i is not None for i in idents.values())
-    stores = {t: FeatureCache(idents[t]) for t in taps} if use_cache else {}
-    keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []
-    found = {t: stores[t].lookup(keys) for t in taps} if use_cache else {t: {} for t in taps}
-    todo = [p for i, p in enumerate(positions) if any(i not in found[t] for t in taps)]
 
-    rows: dict[str, dict[int, np.ndarray]] = {t: {positions[i]: v for i, v in found[t].items()} for t in taps}
-    bad: dict[int, str] = {}
-    engine_name, shapes = "cache", None
-    if todo:
+    def network() -> nn.Module:
         model = copy.deepcopy(backbone.model)
         # One tap: the plain cut network (cheapest, exports cleanly); several: one pass with hooks.
         if len(taps) == 1:
-            multi = _Tuple(build_trunk(model, taps[0], pool))
-        else:
-            from finetune.anatomy import build_multi_trunk
+            return _Tuple(build_trunk(model, taps[0], pool))
+        return build_multi_trunk(model, taps, pool)
 
-            multi = build_multi_trunk(model, taps, pool)
+    idents = [FeatureIdentity.of(backbone, t, pool, preprocessing) for t in taps]
+    return _extract_outputs(
+        network,
+        taps,
+        idents,
+        index,
+        positions,
+        preprocessing,
+        batch_size,
+        workers,
+        device,
+        cache and pool != "none",
+        log,
+        description,
+    )
+
+
+def extract(
+    trunk: nn.Module,
+    index: DatasetIndex,
+    positions: Sequence[int],
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    description: str = "extracting features",
+    identity: FeatureIdentity | None = None,
+    cache: bool = True,
+    log=None,
+) -> Features:
+    """Features of any frozen trunk (images (B, 3, H, W) -> (B, D)), e.g. a run's own.
+
+    Args:
+        identity: what the features depend on; None disables the cache (and the ONNX engine).
+        cache: read and write the feature cache.
+    """
+    out = _extract_outputs(
+        lambda: _Tuple(trunk),
+        ["x"],
+        [identity],
+        index,
+        positions,
+        preprocessing,
+        batch_size,
+        workers,
+        device,
+        cache,
+        log,
+        description,
+    )
+    return out["x"]
+
+
+def _extract_outputs(
+    network: Callable[[], nn.Module],
+    names: list[str],
+    idents: list[FeatureIdentity | None],
+    index: DatasetIndex,
+    positions: Sequence[int],
+    preprocessing: Preprocessing,
+    batch_size: int,
+    workers: int | None,
+    device: str | torch.device,
+    cache: bool,
+    log,
+    description: str,
+) -> dict[str, Features]:
+    """The one extraction path: cached rows per output, one pass of `network()` for the rest.
+
+    `network()` is built only when some image is missing from the cache; its forward returns
+    one tensor per name. Outputs without an identity (random weights) are never cached.
+    """
+    from finetune.engine import engine_key, make_engine
+
+    start = time.perf_counter()
+    positions = [int(p) for p in positions]
+    fingerprinted = all(i is not None for i in idents)
+    use_cache = cache and fingerprinted
+    stores = {t: FeatureCache(i) for t, i in zip(names, idents)} if use_cache else {}
+    keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []
+    found = {t: stores[t].lookup(keys) for t in names} if use_cache else {t: {} for t in names}
+    todo = [p for i, p in enumerate(positions) if any(i not in found[t] for t in names)]
+
+    rows: dict[str, dict[int, np.ndarray]] = {
+        t: {positions[i]: v for i, v in found[t].items()} for t in names
+    }
+    bad: dict[int, str] = {}
+    engine_name, shapes = "cache", None
+    if todo:
+        multi = network()
         shapes = _tap_shapes(multi, preprocessing.input_size)
         # The exported engine is keyed like the cache (weights fingerprint), with or without caching.
-        fingerprinted = all(i is not None for i in idents.values())
-        digest = "+".join(i.digest for i in idents.values()) if fingerprinted else None
+        digest = "+".join(i.digest for i in idents) if fingerprinted else None
         key = engine_key(digest, preprocessing.input_size) if digest else None
         engine = make_engine(_Concat(multi), key, preprocessing.input_size, torch.device(device), log=log)
         engine_name = engine.name
@@ -393,7 +408,7 @@ def extract_taps(
         x_new, p_new, bad = _run_engine(engine, index, todo, preprocessing, batch_size, workers, description)
         bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         key_of = dict(zip(positions, keys)) if use_cache else {}
-        for k, t in enumerate(taps):
+        for k, t in enumerate(names):
             block = x_new[:, bounds[k] : bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
             missing = [r for r, p in enumerate(p_new) if int(p) not in rows[t]]
             rows[t].update({int(p_new[r]): block[r] for r in missing})
@@ -401,10 +416,10 @@ def extract_taps(
                 stores[t].store([key_of[int(p_new[r])] for r in missing], block[missing])
 
     seconds = time.perf_counter() - start
-    kept = [p for p in positions if all(p in rows[t] for t in taps)]
+    kept = [p for p in positions if all(p in rows[t] for t in names)]
     labels = np.asarray([index.labels[p] for p in kept], dtype=np.int64)
     out: dict[str, Features] = {}
-    for k, t in enumerate(taps):
+    for k, t in enumerate(names):
         dim = next(iter(rows[t].values())).shape[0] if rows[t] else 0
         x = (
             np.stack([rows[t][p] for p in kept]).astype(np.float32)

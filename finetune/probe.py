@@ -100,23 +100,31 @@ def linear_probe(ctx: RunContext) -> Outcome:
         if ctx.positions(split):
             metrics[split], rows = evaluate_split(ctx, feats, split, linear, head.kind)
             predictions += rows
-    n = len(feats.x)
-    metrics["head"] = {
-        "kind": head.kind,
-        "C": head.C,
-        "folds": head.n_folds,
-        "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
-    }
-    metrics["timing"] = {
-        "extract_s": round(t1 - t0, 3),
-        "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
-        "cache_hits": feats.hits,
-        "engine": feats.engine,
-        "fit_s": round(t2 - t1, 3),
-        "images": n,
-    }
+    metrics.update(head_and_timing(head, feats, (t0, t1, t2)))
     trunk = build_trunk(ctx.backbone.model, recipe.layer, recipe.pool)
     return Outcome(Classifier(trunk, linear), recipe.layer, head.kind, metrics, predictions)
+
+
+def head_and_timing(head: FittedHead, feats: Features, marks: tuple[float, float, float]) -> dict:
+    """metrics.json's "head" and "timing" entries; marks = (start, features done, head fitted)."""
+    t0, t1, t2 = marks
+    n = len(feats.x)
+    return {
+        "head": {
+            "kind": head.kind,
+            "C": head.C,
+            "folds": head.n_folds,
+            "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
+        },
+        "timing": {
+            "extract_s": round(t1 - t0, 3),
+            "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+            "cache_hits": feats.hits,
+            "engine": feats.engine,
+            "fit_s": round(t2 - t1, 3),
+            "images": n,
+        },
+    }
 
 
 def run_probe(ctx: RunContext) -> Outcome:

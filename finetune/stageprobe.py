@@ -35,7 +35,7 @@ def _table(rows: list[dict]) -> str:
 
 
 def stage_probe(ctx: RunContext) -> Outcome:
-    from finetune.probe import evaluate_split
+    from finetune.probe import evaluate_split, head_and_timing
 
     recipe, index = ctx.recipe, ctx.index
     candidates = stage_taps(ctx.backbone.model)
@@ -90,19 +90,5 @@ def stage_probe(ctx: RunContext) -> Outcome:
         if ctx.positions(split):
             metrics[split], preds = evaluate_split(ctx, feats[best], split, linear, head.kind)
             predictions += preds
-    metrics["head"] = {
-        "kind": head.kind,
-        "C": head.C,
-        "folds": head.n_folds,
-        "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
-    }
-    n = len(first.x)
-    metrics["timing"] = {
-        "extract_s": round(t1 - t0, 3),
-        "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
-        "cache_hits": first.hits,
-        "engine": first.engine,
-        "fit_s": round(t2 - t1, 3),
-        "images": n,
-    }
+    metrics.update(head_and_timing(head, first, (t0, t1, t2)))
     return Outcome(Classifier(trunk, linear), best, head.kind, metrics, predictions)

@@ -116,3 +116,23 @@ def tree_digest(root: Path) -> dict[str, str]:
 @pytest.fixture
 def runs_dir(tmp_path) -> Path:
     return tmp_path / "runs"
+
+
+def invoke(*args):
+    """Run the CLI in-process with every argument as a string; the typer Result (output = stdout+stderr)."""
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(result, *needles: str) -> str:
+    """A user mistake: exit code 2, exactly one line `error: ...` containing every needle, no traceback."""
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
+    assert len(lines) == 1, result.output
+    assert lines[0].startswith("error: ") and "Traceback" not in result.output
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]

@@ -10,22 +10,9 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from finetune.cli import app
-from tests.conftest import tree_digest, write_images
+from tests.conftest import invoke, one_line_error, tree_digest, write_images
 
 runner = CliRunner()
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 @pytest.fixture

@@ -15,30 +15,16 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.cli import app
 from finetune.evaluate import (
     classification_metrics,
     expected_calibration_error,
     most_confident_mistakes,
     reliability_bins,
 )
-from tests.conftest import tree_digest, write_images
+from tests.conftest import invoke, one_line_error, tree_digest, write_images
 
 runner = CliRunner()
 CLASSES = ("blue", "green", "red")  # sorted: the run's class order
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
-
-
-def one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 def assert_png(path: Path, min_side: int = 100) -> None:

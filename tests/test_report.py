@@ -21,17 +21,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.cli import app
 from finetune.report import confusion_png, curves_figure, read_history, write_report
-from tests.conftest import write_images
+from tests.conftest import invoke, write_images
 
 runner = CliRunner()
 CLASSES = ("blue", "green", "red")
 HEADINGS = ("Results", "Configuration", "Data", "Training curves", "Evaluation")
-
-
-def invoke(*args):
-    return runner.invoke(app, [str(a) for a in args])
 
 
 class Page(HTMLParser):

@@ -23,6 +23,7 @@ import finetune
 from finetune.cli import app
 from finetune.errors import WeightsError
 from finetune.weights import read_state_dict
+from tests.conftest import one_line_error
 
 runner = CliRunner()
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained"]
@@ -36,16 +37,6 @@ class _Evil:
 
     def __reduce__(self):
         return (os.system, (f"touch {self.marker}",))
-
-
-def one_line_error(result, *needles: str) -> str:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = [ln for ln in result.output.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, result.output
-    assert lines[0].startswith("error: ") and "Traceback" not in result.output
-    for n in needles:
-        assert n in lines[0], lines[0]
-    return lines[0]
 
 
 @pytest.fixture
