@@ -281,6 +281,8 @@ def extract_features(
         labels_csv=labels,
     )
     s = extract_to_file(opts, log=_log)
+    if not s.main:  # under torchrun only rank 0 reports
+        return
     shapes = ", ".join(f"{t} {'x'.join(map(str, shape))}" for t, shape in s.shapes.items())
     typer.echo(f"wrote {s.out}: {s.images} images; {shapes}")
     typer.echo(

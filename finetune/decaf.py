@@ -56,6 +56,7 @@ class ExtractSummary:
     seconds: float
     cache_hits: int
     engine: str
+    main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
 
 def check_layers(model, layers: Sequence[str]) -> list[str]:
@@ -78,10 +79,15 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
     from finetune.data import scan
     from finetune.featfile import check_output, write_features
     from finetune.features import extract_taps, pick_device
+    from finetune.train import start_distributed, stop_distributed
 
     if opts.pool not in ("avg", "max", "none"):
         raise DataError(f"unknown pooling {opts.pool!r}", "choose --pool avg, max or none")
     out = check_output(opts.out, opts.data)
+    # Under torchrun the images are sharded across ranks and gathered on every rank; rank 0 writes.
+    dist = start_distributed(opts.device)
+    if not dist.main:
+        log = _quiet
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     for problem in index.problems:
         log(f"skipped {problem.path}: {problem.reason}")
@@ -119,15 +125,17 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
         "data": str(index.root),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    write_features(
-        out,
-        arrays,
-        first.labels,
-        list(index.classes),
-        [index.paths[p] for p in rows],
-        [index.splits[p] for p in rows],
-        meta,
-    )
+    if dist.main:
+        write_features(
+            out,
+            arrays,
+            first.labels,
+            list(index.classes),
+            [index.paths[p] for p in rows],
+            [index.splits[p] for p in rows],
+            meta,
+        )
+    stop_distributed()
     skipped = {index.paths[p]: r for p, r in first.bad.items()}
     skipped.update({str(p.path): p.reason for p in index.problems})
     return ExtractSummary(
@@ -138,6 +146,7 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
         first.seconds,
         first.hits,
         first.engine,
+        dist.main,
     )
 
 

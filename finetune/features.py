@@ -236,6 +236,62 @@ def _run_engine(
     return x_all.astype(np.float32, copy=False), p_all.astype(np.int64), bad
 
 
+# --------------------------------------------------------------------------- under torchrun
+
+
+def _rank() -> int:
+    import torch.distributed as dist
+
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
+def _shard(todo: list[int]) -> tuple[list[int], int]:
+    """This rank's share of the images (every world-th one), and the world size (1 alone)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return todo, 1
+    return todo[dist.get_rank() :: dist.get_world_size()], dist.get_world_size()
+
+
+def _all_gather_bytes(blob: bytes) -> list[bytes]:
+    """Every rank's bytes, in rank order, as uint8 tensors (no pickled objects; gloo and nccl)."""
+    import torch.distributed as dist
+
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+    size = torch.tensor([len(blob)], dtype=torch.int64, device=device)
+    sizes = [torch.zeros_like(size) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, size)
+    longest = int(max(int(t) for t in sizes))
+    buf = torch.zeros(longest, dtype=torch.uint8, device=device)
+    buf[: len(blob)] = torch.frombuffer(bytearray(blob), dtype=torch.uint8) if blob else buf[:0]
+    parts = [torch.zeros_like(buf) for _ in sizes]
+    dist.all_gather(parts, buf)
+    return [bytes(part[: int(n)].cpu().numpy()) for part, n in zip(parts, sizes)]
+
+
+def _gather(
+    x: np.ndarray, p: np.ndarray, bad: dict[int, str]
+) -> tuple[np.ndarray, np.ndarray, dict[int, str]]:
+    """Every rank's rows on every rank; rows are keyed by position, so the original order is kept."""
+    import io
+
+    out = io.BytesIO()
+    np.savez(
+        out, x=x, p=p, bad_pos=np.asarray(list(bad), np.int64), bad_why=np.asarray(list(bad.values()), str)
+    )
+    xs, ps, merged = [], [], {}
+    for blob in _all_gather_bytes(out.getvalue()):
+        with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+            if len(z["p"]):
+                xs.append(z["x"])
+                ps.append(z["p"])
+            merged.update(zip(z["bad_pos"].tolist(), z["bad_why"].tolist()))
+    if not xs:
+        return x, p, merged
+    return np.concatenate(xs), np.concatenate(ps), merged
+
+
 # --------------------------------------------------------------------------- several taps, one pass
 
 
@@ -405,7 +461,11 @@ def _extract_outputs(
         engine = make_engine(_Concat(multi), key, preprocessing.input_size, torch.device(device), log=log)
         engine_name = engine.name
         workers = default_workers() if workers is None else workers
-        x_new, p_new, bad = _run_engine(engine, index, todo, preprocessing, batch_size, workers, description)
+        mine, world = _shard(todo)
+        x_new, p_new, bad = _run_engine(engine, index, mine, preprocessing, batch_size, workers, description)
+        if world > 1:
+            x_new, p_new, bad = _gather(x_new, p_new, bad)
+            use_cache = use_cache and _rank() == 0  # every rank has every row; one writes the cache
         bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         key_of = dict(zip(positions, keys)) if use_cache else {}
         for k, t in enumerate(names):

@@ -3,7 +3,8 @@
     with progress_bar("extracting features", total=1797, unit="img") as bar:
         bar.advance(64)
 
-Set FINETUNE_PROGRESS=0 to silence them (tests do; logs stay clean).
+Set FINETUNE_PROGRESS=0 to silence them (tests do; logs stay clean). Under torchrun only
+rank 0 draws them.
 """
 
 from __future__ import annotations
@@ -27,7 +28,8 @@ class _Bar:
 
 
 def enabled() -> bool:
-    return os.environ.get("FINETUNE_PROGRESS", "1") != "0"
+    """Bars are on unless FINETUNE_PROGRESS=0; under torchrun only rank 0 draws them."""
+    return os.environ.get("FINETUNE_PROGRESS", "1") != "0" and os.environ.get("RANK", "0") == "0"
 
 
 @contextmanager
