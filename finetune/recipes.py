@@ -34,7 +34,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "head": ("logreg", "svm"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "constant"),
-    "bn_policy": ("eval", "train"),
+    "bn_policy": ("eval", "train", "frozen"),  # see train.BN_POLICIES
     "balance": ("none", "weights", "sampler"),
     "init_head": ("probe", "random"),
     "pool": ("avg", "max"),

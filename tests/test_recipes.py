@@ -84,7 +84,7 @@ def test_a_parameter_outside_every_stage_is_refused():
         (["--set", "epochs=two"], "epochs"),
         (["--set", "lr=-0.1"], "'lr'"),
         (["--set", "lr_mult.top=-1"], "lr_mult.top"),
-        (["--set", "bn_policy=frozen"], "bn_policy"),
+        (["--set", "bn_policy=sometimes"], "bn_policy"),
     ],
 )
 def test_recipe_mistakes_are_one_line_naming_the_key(image_folder, tmp_path, args, needle):

@@ -1,0 +1,568 @@
+"""The fine-tuning loop on tiny models: what is frozen stays bit-identical, the loss goes down, an
+interrupted and resumed run equals an uninterrupted one bit for bit, and every fault ends cleanly."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+from typer.testing import CliRunner
+
+import finetune.train as T
+from finetune.anatomy import build_trunk, feature_dim, stages
+from finetune.backbones import build
+from finetune.cli import app
+from finetune.data import scan
+from finetune.errors import TrainingError
+from finetune.heads import Classifier
+from finetune.pipeline import RunContext, RunOptions, run
+from finetune.recipes import load_recipe
+
+runner = CliRunner()
+ROOT = Path(__file__).resolve().parent.parent
+TINY = ("image_size=32", "batch_size=4", "middle_stages=1")  # test_resnet: 5 stages, top 1, middle 1
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def make_trainer(
+    data: Path,
+    tmp: Path,
+    strategy: str,
+    *overrides: str,
+    backbone: str = "test_resnet",
+    workers: int = 0,
+    init: bool = True,
+    device: str = "cpu",
+):
+    """A Trainer on a real scanned folder and a real (random-init) timm model; logs collected."""
+    recipe = load_recipe(strategy, overrides=list(overrides))
+    opts = RunOptions(
+        data=data,
+        strategy=strategy,
+        overrides=overrides,
+        backbone=backbone,
+        pretrained=False,
+        workers=workers,
+        device=device,
+    )
+    torch.manual_seed(recipe.seed)
+    bb = build(backbone, pretrained=backbone == "lite0")
+    pre = bb.preprocessing.with_size(recipe.image_size) if recipe.image_size else bb.preprocessing
+    run_dir = tmp / "run"
+    run_dir.mkdir(exist_ok=True)
+    logs: list[str] = []
+    ctx = RunContext(scan(data), bb, pre, recipe, run_dir, opts, log=logs.append)
+    trunk = build_trunk(bb.model, "pool")
+    model = Classifier(trunk, nn.Linear(feature_dim(trunk, pre.input_size), len(ctx.index.classes)))
+    return T.Trainer(ctx, model, torch.device(device), T.Dist()), logs
+
+
+def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+# --------------------------------------------------------------------------- parameter groups in a real run
+
+
+def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_identical(
+    make_folder, tmp_path
+):
+    data = make_folder({"red": 6, "blue": 6})
+    tr, _ = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=2", "lr=0.02", "warmup_epochs=0")
+    st = stages(
+        tr.net.trunk
+    )  # stem, stage1..stage4: bottom = stem+stage1+stage2, middle = stage3, top = stage4
+    groups = {g["name"]: g for g in tr.optimizer.param_groups}
+    assert {k: g["initial_lr"] for k, g in groups.items()} == pytest.approx(
+        {"head": 0.02, "top": 0.002, "middle": 0.0002}, rel=1e-12
+    )
+    named = dict(tr.net.trunk.named_parameters())
+    ids = lambda names: {id(named[n]) for n in names}  # noqa: E731
+    assert {id(p) for p in groups["top"]["params"]} == ids(st[4].params)
+    assert {id(p) for p in groups["middle"]["params"]} == ids(st[3].params)
+    bottom = [n for s in st[:3] for n in s.params]
+    assert not ids(bottom) & {id(p) for g in groups.values() for p in g["params"]}
+    assert all(not named[n].requires_grad for n in bottom)
+
+    # During training: the frozen bottom builds no autograd graph and its BatchNorm is in eval mode.
+    seen: dict[str, list] = {"grad": [], "bn_training": [], "top_grad": []}
+    tr.net.trunk.layer1.register_forward_hook(lambda m, i, o: seen["grad"].append(o.requires_grad))
+    tr.net.trunk.bn1.register_forward_hook(lambda m, i, o: seen["bn_training"].append(m.training))
+
+    def top_hook(module, inputs, output) -> None:
+        if torch.is_grad_enabled():  # training forwards, not validation
+            seen["top_grad"].append(output.requires_grad)
+
+    tr.net.trunk.layer4.register_forward_hook(top_hook)
+    before = snapshot(tr.net)
+    tr.fit()
+    after = tr.net.state_dict()
+    assert seen["grad"] and not any(seen["grad"]) and seen["top_grad"] and all(seen["top_grad"])
+    assert not any(seen["bn_training"])
+    prefixes = ("conv1.", "bn1.", "layer1.", "layer2.")  # bottom stages: weights AND BatchNorm statistics
+    frozen_keys = [k for k in before if k.startswith(tuple("trunk." + p for p in prefixes))]
+    assert frozen_keys and all(torch.equal(before[k], after[k]) for k in frozen_keys)
+    moved = [k for k in before if k.startswith(("trunk.layer4.", "head.")) and "num_batches" not in k]
+    assert all(not torch.equal(before[k], after[k]) for k in moved)
+
+
+def test_full_finetune_changes_every_parameter(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    # lr 0.5: the bottom's x0.001 step (5e-4) is large enough to show in float32 after 2 epochs
+    tr, _ = make_trainer(
+        data,
+        tmp_path,
+        "full-finetune",
+        *TINY,
+        "epochs=2",
+        "warmup_epochs=0",
+        "lr=0.5",
+        "grad_clip=0",
+        'init_head="random"',
+    )
+    before = snapshot(tr.net)
+    assert len(tr.optimizer.param_groups) == 4 and not T.frozen_norm_layers(tr.net.trunk)
+    tr.fit()
+    unchanged = [n for n, p in tr.net.named_parameters() if torch.equal(before[n], p)]
+    assert not unchanged and len(before) > 40
+
+
+def test_bn_policy_frozen_keeps_every_running_statistic_while_affine_weights_learn(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    tr, _ = make_trainer(
+        data,
+        tmp_path,
+        "full-finetune",
+        *TINY,
+        "epochs=1",
+        "warmup_epochs=0",
+        "lr=0.5",
+        'bn_policy="frozen"',
+        'init_head="random"',
+    )
+    modes: list[bool] = []
+    for m in tr.net.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
+    before = snapshot(tr.net)
+    tr.fit()
+    after = tr.net.state_dict()
+    stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
+    affine = [k for k in before if k.startswith("trunk.layer4") and k.endswith("bn1.weight")]
+    assert modes and not any(modes)
+    assert stats and all(torch.equal(before[k], after[k]) for k in stats)
+    assert affine and all(not torch.equal(before[k], after[k]) for k in affine)
+
+
+def test_training_lowers_the_training_loss(make_folder, tmp_path):
+    """Real packaged lite0 at 64 px, no warmup, 2 epochs: the mean cross-entropy on the training images
+    (computed here from the softmax) goes down."""
+    data = make_folder({"red": 8, "blue": 8, "green": 8})
+    tr, _ = make_trainer(
+        data,
+        tmp_path,
+        "full-finetune",
+        "image_size=64",
+        "epochs=2",
+        "warmup_epochs=0",
+        "batch_size=6",
+        "lr=0.05",
+        'init_head="random"',
+        "augment=false",
+        "label_smoothing=0.0",
+        backbone="lite0",
+    )
+    train = tr.ctx.positions("train")
+
+    def loss() -> float:
+        _, y, p = tr.predict(train, 16)
+        return float(-np.log(p[np.arange(len(y)), y]).mean())
+
+    start = loss()
+    tr.fit()
+    assert loss() < 0.8 * start  # 1.63 -> 1.18 measured: a real drop, not noise
+
+
+def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path):
+    """Scripted validation accuracies 0.5, 0.75, 0.75 (worse loss), 0.6 with patience 2: stop after
+    epoch 4 of 10, and the model is epoch 2's."""
+    data = make_folder({"red": 6, "blue": 6})
+    tr, logs = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=10", "patience=2")
+    script = iter([(0.5, 1.0), (0.75, 0.8), (0.75, 0.9), (0.6, 1.0)])
+    kept = {}
+
+    def validate():
+        acc, loss = next(script)
+        if tr.state.epoch == 1:
+            kept.update(snapshot(tr.net))
+        return acc, loss
+
+    tr.validate = validate
+    tr.fit()
+    assert tr.state.epoch == 4 and tr.state.best_epoch == 2 and tr.state.stopped_early
+    assert any("early stop" in m for m in logs)
+    final = tr.net.state_dict()
+    assert all(torch.equal(kept[k], final[k]) for k in kept)
+    rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
+    assert len(rows) == 5 and rows[0].startswith("epoch,train_loss")
+
+
+# --------------------------------------------------------------------------- exact resume
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def test_interrupted_and_resumed_twice_equals_uninterrupted_bit_for_bit(make_folder, tmp_path, monkeypatch):
+    torch.set_num_threads(1)
+    data = make_folder({"red": 8, "blue": 8, "green": 8})  # 18 train images, batches of 4: 5 per epoch
+    common = dict(
+        data=data,
+        strategy="partial-finetune",
+        backbone="test_resnet",
+        pretrained=False,
+        workers=0,
+        overrides=(*TINY, "epochs=3"),
+    )
+    logs: list[str] = []
+    whole = run(RunOptions(**common, out=tmp_path / "a"), log=logs.append)
+
+    monkeypatch.setenv(T.STOP_AFTER_ENV, "5")  # after the last batch of epoch 1, before its validation
+    with pytest.raises(T.Interrupted) as err:
+        run(RunOptions(**common, out=tmp_path / "b"), log=logs.append)
+    assert err.value.exit_code == 130 and "--resume" in str(err.value)
+    run_dir = next((tmp_path / "b").iterdir())
+    meta = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
+    assert (meta["epoch"], meta["batch"]) == (0, 5) and isinstance(meta["numpy_rng"]["state"], dict)
+    monkeypatch.setenv(T.STOP_AFTER_ENV, "8")  # mid-epoch 2, after 3 of its 5 batches
+    with pytest.raises(T.Interrupted):
+        run(RunOptions(data=data, resume=run_dir, workers=0), log=logs.append)
+    monkeypatch.delenv(T.STOP_AFTER_ENV)
+    resumed = run(RunOptions(data=data, resume=run_dir, workers=0), log=logs.append)
+
+    assert resumed.run_dir == run_dir
+    a, b = _weights(whole.run_dir), _weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    strip = lambda p: [r.split(",")[:6] for r in (p / "history.csv").read_text().splitlines()]  # noqa: E731
+    assert strip(whole.run_dir) == strip(run_dir) and len(strip(run_dir)) == 4
+
+
+def test_resume_mistakes_are_one_line(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    res = runner.invoke(app, ["run", str(data), "--resume", str(empty)])
+    assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "no checkpoint" in res.output
+
+    out = tmp_path / "runs"
+    done = runner.invoke(
+        app,
+        [
+            "run",
+            str(data),
+            "--strategy",
+            "partial-finetune",
+            "--backbone",
+            "test_resnet",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+            "--set",
+            "epochs=1",
+            *[a for kv in TINY for a in ("--set", kv)],
+        ],
+    )
+    assert done.exit_code == 0, done.output
+    run_dir = next(out.iterdir())
+    for f in ("history.csv", "curves.png", "model.safetensors", "checkpoint/checkpoint.json"):
+        assert (run_dir / f).is_file(), f
+    res = runner.invoke(app, ["run", str(data), "--resume", str(run_dir)])
+    assert (
+        res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "already finished" in res.output
+    )
+
+
+def test_a_finetuned_run_is_used_by_predict_like_a_probe(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    res = run(
+        RunOptions(
+            data=data,
+            strategy="partial-finetune",
+            backbone="test_resnet",
+            pretrained=False,
+            workers=0,
+            overrides=(*TINY, "epochs=1"),
+            out=tmp_path / "runs",
+        ),
+        log=lambda m: None,
+    )
+    saved = {p["path"]: p for p in json.loads((res.run_dir / "predictions.json").read_text())}
+    out = runner.invoke(app, ["predict", str(data), "--run", str(res.run_dir), "--json"])
+    assert out.exit_code == 0, out.output
+    rows = json.loads(out.output)
+    assert rows["score_kind"] == "probability"
+    checked = 0
+    for r in rows["rows"]:
+        rel = Path(r["path"]).relative_to(data).as_posix()
+        if rel in saved:
+            assert r["top"][0]["label"] == saved[rel]["pred"]
+            assert r["top"][0]["score"] == pytest.approx(saved[rel]["score"], abs=1e-5)
+            checked += 1
+    assert checked == len(saved) > 0
+
+
+# --------------------------------------------------------------------------- signals, kills, full disks
+
+
+def test_sigterm_saves_a_checkpoint_and_exits_143(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    cmd = [
+        sys.executable,
+        "-m",
+        "finetune",
+        "run",
+        str(data),
+        "--strategy",
+        "partial-finetune",
+        "--backbone",
+        "test_resnet",
+        "--no-pretrained",
+        "--workers",
+        "0",
+        "--out",
+        str(out),
+        "--set",
+        "epochs=100000",
+        "--set",
+        'init_head="random"',
+        *[a for kv in TINY for a in ("--set", kv)],
+    ]
+    env = {**os.environ, "FINETUNE_PROGRESS": "0"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+    deadline = time.monotonic() + 120
+    while (
+        not list(out.glob("*/checkpoint/checkpoint.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: SIGTERM") and "--resume" in last, err
+    meta, tensors, _ = T.load_checkpoint(next(out.iterdir()) / "checkpoint")
+    assert meta["epoch"] >= 1 and any(k.startswith("model.") for k in tensors)
+
+
+_KILL_SCRIPT = """
+import os, sys, time, torch
+from pathlib import Path
+from finetune.train import save_checkpoint
+folder, hang_at = Path(sys.argv[1]), int(sys.argv[2])
+first = {"saves": 1, "epoch": 1, "batch": 0}
+save_checkpoint(folder, first, {"w": torch.full((4096,), 1.0)}, {"b": torch.ones(3)})
+real, calls = os.fsync, [0]
+def hang(fd):
+    calls[0] += 1
+    if calls[0] == hang_at:
+        (folder.parent / "hanging").write_text("now")
+        time.sleep(120)
+    real(fd)
+os.fsync = hang
+second = {"saves": 2, "epoch": 2, "batch": 0}
+save_checkpoint(folder, second, {"w": torch.full((4096,), 2.0)}, {"b": torch.zeros(3)})
+"""
+
+
+@pytest.mark.parametrize(
+    ("hang_at", "epoch"),
+    # fsync order: state temp file, its folder; best temp file, its folder; checkpoint.json, its folder.
+    [(1, 1), (2, 1), (3, 1), (5, 1), (6, 2)],
+)
+def test_sigkill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, hang_at, epoch):
+    folder = tmp_path / "run" / "checkpoint"
+    proc = subprocess.Popen([sys.executable, "-c", _KILL_SCRIPT, str(folder), str(hang_at)], cwd=ROOT)
+    deadline = time.monotonic() + 60
+    while not (tmp_path / "run" / "hanging").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, "the save finished before it could be killed"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    meta, tensors, best = T.load_checkpoint(folder)
+    assert meta["epoch"] == epoch
+    assert torch.equal(tensors["w"], torch.full((4096,), float(epoch)))
+    assert torch.equal(best["b"], torch.ones(3) if epoch == 1 else torch.zeros(3))
+    # The next save clears what the killed one left behind.
+    T.save_checkpoint(folder, {"saves": 3, "epoch": 3, "batch": 0}, {"w": torch.zeros(2)})
+    assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "state-000003.safetensors"]
+
+
+def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(make_folder, tmp_path, monkeypatch):
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    real_save, real_fsync, calls = T.save_checkpoint, os.fsync, []
+
+    def no_space(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    def save(folder, meta, tensors, best=None):
+        calls.append(meta["epoch"])
+        if len(calls) == 2:  # the disk fills up after epoch 1's checkpoint
+            monkeypatch.setattr(os, "fsync", no_space)
+        return real_save(folder, meta, tensors, best)
+
+    monkeypatch.setattr(T, "save_checkpoint", save)
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(data),
+            "--strategy",
+            "partial-finetune",
+            "--backbone",
+            "test_resnet",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--out",
+            str(out),
+            "--set",
+            "epochs=3",
+            "--set",
+            'init_head="random"',
+            *[a for kv in TINY for a in ("--set", kv)],
+        ],
+    )
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert "error: cannot write the checkpoint" in last and "disk is full" in last
+    assert "epoch 1, batch 0" in last and "--resume" in last
+    folder = next(out.iterdir()) / "checkpoint"
+    meta, _, _ = T.load_checkpoint(folder)
+    assert meta["epoch"] == 1
+    assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
+
+
+# --------------------------------------------------------------------------- training faults
+
+
+def test_a_diverging_loss_stops_with_the_learning_rate_named(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    res = runner.invoke(
+        app,
+        [
+            "run",
+            str(data),
+            "--strategy",
+            "full-finetune",
+            "--backbone",
+            "test_resnet",
+            "--no-pretrained",
+            "--workers",
+            "0",
+            "--out",
+            str(tmp_path / "runs"),
+            "--set",
+            "lr=1e30",
+            "--set",
+            "grad_clip=0",
+            "--set",
+            "warmup_epochs=0",
+            "--set",
+            'init_head="random"',
+            *[a for kv in TINY for a in ("--set", kv)],
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: the training loss became") and "lr = 1e+30" in last and "--set lr=" in last
+
+
+class _SmallMemory(nn.Module):
+    """Pretends the GPU holds at most `limit` images per forward."""
+
+    def __init__(self, model: nn.Module, limit: int) -> None:
+        super().__init__()
+        self.model, self.limit, self.sizes = model, limit, []
+
+    def forward(self, x):
+        if len(x) > self.limit:
+            raise T._OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+        self.sizes.append(len(x))
+        return self.model(x)
+
+
+def test_out_of_memory_retries_with_half_batches_and_says_so(make_folder, tmp_path):
+    data = make_folder({"red": 5, "blue": 5})  # 8 training images, batch 4: 2 steps per epoch
+    tr, logs = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
+    tr.fwd = _SmallMemory(tr.net, limit=2)
+    tr.fit()
+    assert tr.state.micro == 2 and tr.state.step == 2 and tr.fwd.sizes == [2, 2, 2, 2]
+    assert any("out of GPU memory: retrying with batches of 2 images" in m for m in logs)
+
+    (tmp_path / "x").mkdir()
+    tr2, _ = make_trainer(data, tmp_path / "x", "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
+    tr2.fwd = _SmallMemory(tr2.net, limit=0)
+    with pytest.raises(TrainingError, match="batch of 1 image"):
+        tr2.fit()
+
+
+def test_a_crashed_decode_worker_is_reported_with_its_file(make_folder, tmp_path, monkeypatch):
+    import finetune.data as D
+
+    data = make_folder({"red": 6, "blue": 6})
+    tr, _ = make_trainer(
+        data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"', workers=2
+    )
+    victim = tr.ctx.index.paths[tr.train_pos[3]]
+    real = D.load_rgb
+
+    def crashing(path):
+        if str(path).endswith(victim):
+            os._exit(1)  # what a segfaulting decoder looks like from the outside
+        return real(path)
+
+    monkeypatch.setattr(D, "load_rgb", crashing)
+    with pytest.raises(TrainingError, match="decode worker crashed") as err:
+        tr.fit()
+    assert victim in str(err.value)
+
+
+# --------------------------------------------------------------------------- GPU paths
+
+
+@pytest.mark.gpu
+@CUDA
+@pytest.mark.parametrize("compile_", [False, True])
+def test_cuda_amp_channels_last_trains_and_resumes(make_folder, tmp_path, compile_):
+    data = make_folder({"red": 8, "blue": 8})
+    tr, _ = make_trainer(data, tmp_path, "full-finetune", *TINY, "epochs=2", device="cuda")
+    if compile_:
+        tr.fwd = torch.compile(tr.net)
+    expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    assert tr.amp_dtype == expected and (tr.scaler is not None) == (expected == torch.float16)
+    conv = tr.net.trunk.conv1.weight
+    assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
+    before = snapshot(tr.net)
+    tr.fit()
+    assert all(np.isfinite(r["train_loss"]) for r in tr.state.history)
+    assert any(not torch.equal(before[k].cuda(), v) for k, v in tr.net.state_dict().items())
+    meta, tensors, _ = T.load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert "rng.cuda.0" in tensors and meta["epoch"] == 2
