@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data import DatasetIndex, Preprocessing, scan
-from finetune.errors import DataError, RecipeError
+from finetune.errors import DataError
 from finetune.recipes import Recipe, load_recipe
 
 
@@ -149,10 +149,8 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
         opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map
     )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
-    if dist.world > 1 and recipe.method != "finetune":
-        raise RecipeError(
-            f"{recipe.name} does not run under torchrun", "use partial-finetune or full-finetune"
-        )
+    # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
+    # fine-tuning runs DistributedDataParallel (train.py). Rank 0 alone writes the run folder.
     if opts.resume is not None:
         run_dir = Path(opts.resume)
     else:

@@ -36,6 +36,15 @@ CONFIG_FILE = "config.json"
 FORMAT_VERSION = 1
 
 
+def _read_umask() -> int:
+    mask = os.umask(0)  # the only way to read it; done once, at import, before any thread starts
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _read_umask()
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: str = "wb") -> None:
     """Write a file so it is either the old one or the complete new one, never half of each.
 
@@ -51,6 +60,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Any], None], mode: st
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual permissions
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
