@@ -79,7 +79,17 @@ def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_i
     make_folder, tmp_path
 ):
     data = make_folder({"red": 6, "blue": 6})
-    tr, _ = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=2", "lr=0.02", "warmup_epochs=0")
+    # bn_policy "eval": the top's BatchNorm statistics train too (the packaged default freezes them all).
+    tr, _ = make_trainer(
+        data,
+        tmp_path,
+        "partial-finetune",
+        *TINY,
+        "epochs=2",
+        "lr=0.02",
+        "warmup_epochs=0",
+        'bn_policy="eval"',
+    )
     st = stages(
         tr.net.trunk
     )  # stem, stage1..stage4: bottom = stem+stage1+stage2, middle = stage3, top = stage4
