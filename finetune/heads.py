@@ -140,7 +140,9 @@ def _lbfgs(
     def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
         w = theta[: rows * d].reshape(rows, d).astype(np.float32)  # (K', d)
         b = theta[rows * d :].astype(np.float32)  # (K',)
-        loss, r = loss_fn(xn @ w.T + b, t)  # r: dloss/dz, (n, K')
+        # float32 matmuls, float64 loss: a float32 objective is too noisy for the line search.
+        loss, r = loss_fn((xn @ w.T + b).astype(np.float64), t)  # r: dloss/dz, (n, K')
+        r = r.astype(np.float32)
         loss += 0.5 * penalty * (float(np.dot(theta[: rows * d], theta[: rows * d])) + reg_b * float(b @ b))
         gw = r.T @ xn + penalty * w
         gb = r.sum(axis=0) + reg_b * penalty * b
@@ -222,7 +224,8 @@ def _cv_lbfgs(
         xva = (x[va] - mean) / scale
         init = None
         for C in sorted(c_grid):  # warm start along the path: small C (strong penalty) first
-            w, b = SOLVERS[kind](xtr, y[tr], k, C, init)
+            # Ranking C needs accuracy, not a tight optimum: sklearn's own tolerance (1e-4) here.
+            w, b = SOLVERS[kind](xtr, y[tr], k, C, init, tol=1e-4)
             init = (w, b)
             z = xva @ w.T + b
             pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
