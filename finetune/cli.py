@@ -335,7 +335,10 @@ app.add_typer(cache_app, name="cache")
 def cache_info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
 ) -> None:
-    """Where the cache is and what it holds (one row per model x tap)."""
+    """Where the cache is and what it holds (one row per model x tap).
+
+    Example: finetune cache info --json
+    """
     from finetune.features import cache_info
     from finetune.paths import cache_root
 
@@ -355,7 +358,10 @@ def cache_info_cmd(
 
 @cache_app.command("clear")
 def cache_clear_cmd() -> None:
-    """Delete cached features and exported engines (they are rebuilt on demand)."""
+    """Delete cached features and exported engines (they are rebuilt on demand).
+
+    Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
+    """
     from finetune.features import cache_clear
 
     freed = cache_clear()
