@@ -41,18 +41,23 @@ class CompareRow:
     strategy: str
     accuracy: float
     seconds: float
-    img_per_s: float  # training images processed per second of the whole run
+    img_per_s: float  # training throughput (fine-tuning) or extraction throughput (probes)
     trainable: int  # parameters the recipe trained (head only for probes)
     run_dir: str
 
 
-def trainable_parameters(model, strategy_method: str, metrics: dict) -> int:
-    """Probes train only their linear head; fine-tuning reports what it trained."""
-    if "trainable_params" in metrics:
-        return int(metrics["trainable_params"])
-    if strategy_method == "probe":
-        return sum(p.numel() for p in model.head.parameters())
-    return sum(p.numel() for p in model.parameters())
+def trainable_parameters(model, metrics: dict) -> int:
+    """What the recipe trained: the fine-tuning loop counts it; a probe trains only its linear head."""
+    if "trainable_params" in metrics.get("train", {}):
+        return int(metrics["train"]["trainable_params"])
+    return sum(p.numel() for p in model.head.parameters())
+
+
+def throughput(metrics: dict) -> float:
+    """img/s of the method's own work: training epochs (fine-tuning) or feature extraction (probes)."""
+    if "img_per_s" in metrics.get("train", {}):
+        return float(metrics["train"]["img_per_s"])
+    return float(metrics.get("timing", {}).get("extract_img_per_s", 0.0))
 
 
 def compare(opts: CompareOptions, log: Callable[[str], None] = _stderr) -> tuple[list[CompareRow], Path]:
@@ -85,18 +90,13 @@ def compare(opts: CompareOptions, log: Callable[[str], None] = _stderr) -> tuple
         from finetune.runs import load_run
 
         model, _, _ = load_run(result.run_dir)
-        method = load_recipe(s, None, opts.overrides).method
-        n_train = result.index.counts("train")
-        images = sum(n_train.values()) * max(
-            1, int(result.config.recipe.get("epochs", 1)) if method != "probe" else 1
-        )
         rows.append(
             CompareRow(
                 s,
                 float(result.metrics["val"]["accuracy"]),
                 seconds,
-                images / seconds,
-                trainable_parameters(model, method, result.metrics),
+                throughput(result.metrics),
+                trainable_parameters(model, result.metrics),
                 str(result.run_dir),
             )
         )

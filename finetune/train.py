@@ -1012,6 +1012,7 @@ def run_finetune(ctx: RunContext) -> Outcome:
             for g in trainer.optimizer.param_groups
         ],
         "frozen_params": sum(1 for p in model.parameters() if not p.requires_grad),
+        "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
     if dist.main and st.history:
         save_curves(ctx.run_dir / CURVES_FILE, st.history)

@@ -196,3 +196,31 @@ def test_compare_prints_one_row_per_strategy_and_a_plot(a_run, tmp_path):
     plot = next(p for p in (tmp_path / "cmp").glob("compare-*.png"))
     assert Image.open(plot).format == "PNG"
     one_line_error(invoke("compare", data, "-s", "no-such-recipe"), "no-such-recipe")
+
+
+def test_compare_counts_what_each_recipe_trains(a_run, tmp_path):
+    """Probe: its head only. Partial fine-tune: head + top + middle stages, by hand from the stages."""
+    from finetune.anatomy import build_trunk, stages
+    from finetune.backbones import build
+    from finetune.compare import CompareOptions, compare
+    from finetune.recipes import load_recipe, stage_roles
+
+    data = a_run.parent.parent / "data"
+    sets = ("image_size=64", "epochs=1", "warmup_epochs=0")
+    rows, _ = compare(
+        CompareOptions(
+            data=data,
+            strategies=("linear-probe", "partial-finetune"),
+            overrides=sets,
+            out=tmp_path / "cmp",
+            workers=0,
+        ),
+        log=lambda m: None,
+    )
+    trunk = build_trunk(build("lite0", pretrained=False).model, "pool")
+    dim, k = 1280, 3
+    named = dict(trunk.named_parameters())
+    st = stages(trunk)
+    roles = stage_roles(len(st), load_recipe("partial-finetune"))
+    learned = sum(named[n].numel() for s, r in zip(st, roles) if r != "bottom" for n in s.params)
+    assert [r.trainable for r in rows] == [dim * k + k, learned + dim * k + k]
