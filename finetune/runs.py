@@ -19,6 +19,7 @@ full disk leaves the previous version intact.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import tempfile
@@ -166,15 +167,20 @@ class RunConfig:
             ) from None
 
 
-def versions() -> dict[str, str]:
-    """Versions of the libraries whose behaviour shapes the numbers."""
+@functools.lru_cache(maxsize=1)
+def _versions() -> tuple[tuple[str, str], ...]:
     import importlib.metadata as md
 
-    out = {}
+    out = []
     for pkg in ("finetune", "torch", "torchvision", "timm", "pillow", "scikit-learn", "numpy"):
         with contextlib.suppress(md.PackageNotFoundError):
-            out[pkg] = md.version(pkg)
-    return out
+            out.append((pkg, md.version(pkg)))
+    return tuple(out)
+
+
+def versions() -> dict[str, str]:
+    """Versions of the libraries whose behaviour shapes the numbers (read once per process)."""
+    return dict(_versions())
 
 
 def new_run_dir(out: str | os.PathLike, backbone: str, strategy: str) -> Path:

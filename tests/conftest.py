@@ -136,3 +136,37 @@ def one_line_error(result, *needles: str) -> str:
     for n in needles:
         assert n in lines[0], lines[0]
     return lines[0]
+
+
+@pytest.fixture
+def tiny_weights(tmp_path) -> Path:
+    """Seeded random weights of timm's tiny test_efficientnet, saved as a user's --weights file."""
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = timm.create_model("test_efficientnet", pretrained=False)
+    path = tmp_path / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def torchrun(*args, nproc: int = 2):
+    """`python -m torch.distributed.run --standalone -m finetune ARGS` on CPU; the CompletedProcess."""
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(nproc),
+        "-m",
+        "finetune",
+        *map(str, args),
+    ]
+    env = {**os.environ, "FINETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "FINETUNE_ENGINE": "torch"}
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)

@@ -8,9 +8,6 @@ images (divisible by 2 x 3), the averaged DDP gradients are the single-process o
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,6 +16,7 @@ from safetensors.torch import load_file
 
 from finetune.errors import TrainingError
 from finetune.pipeline import RunOptions, run
+from tests.conftest import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMON = ("image_size=32", "epochs=2", "augment=false", 'init_head="random"', "label_smoothing=0.0")
@@ -41,17 +39,9 @@ def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_pa
     )
     out = tmp_path / "two"
     sets = [a for kv in (*COMMON, "batch_size=3", "lr=0.01") for a in ("--set", kv)]
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        "2",
-        "-m",
-        "finetune",
+    proc = torchrun(
         "run",
-        str(data),
+        data,
         "--strategy",
         "full-finetune",
         "--backbone",
@@ -62,11 +52,9 @@ def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_pa
         "--device",
         "cpu",
         "--out",
-        str(out),
+        out,
         *sets,
-    ]
-    env = {**os.environ, "FINETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     runs = list(out.iterdir())
     assert len(runs) == 1  # written once, by rank 0

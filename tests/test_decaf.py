@@ -16,16 +16,8 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def weights_file(tmp_path):
-    """Seeded random weights for timm's tiny test_efficientnet, as a user's --weights file."""
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = timm.create_model("test_efficientnet", pretrained=False)
-    path = tmp_path / "w.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
-    return path
+def weights_file(tiny_weights):
+    return tiny_weights
 
 
 def _reference_model(weights_file):
