@@ -40,34 +40,48 @@ def _stderr(msg: str) -> None:
 # --------------------------------------------------------------------------- pure metrics
 
 
+def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
+    """(K, K) counts: row = true class, column = predicted (sklearn's convention)."""
+    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
+    flat = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
+    return flat.reshape(n_classes, n_classes)
+
+
 def classification_metrics(
     y_true: Sequence[int], y_pred: Sequence[int], class_names: Sequence[str], scores: np.ndarray | None = None
 ) -> dict:
-    """Accuracy, balanced accuracy, macro-F1, top-5 (when scores are given and K > 5), per-class P/R/F1."""
-    from sklearn.metrics import (
-        accuracy_score,
-        balanced_accuracy_score,
-        confusion_matrix,
-        f1_score,
-        precision_recall_fscore_support,
-    )
+    """Accuracy, balanced accuracy, macro-F1, top-5 (when scores are given and K > 5), per-class P/R/F1.
 
+    All of it follows from the confusion matrix, computed here with numpy: importing
+    sklearn.metrics costs about 2 s, most of a cached re-run (tests hold these to sklearn).
+    Undefined ratios (no prediction of a class, no image of it) are 0, as sklearn's zero_division=0.
+    """
     y_true = np.asarray(y_true)
     y_pred = np.asarray(y_pred)
-    labels = list(range(len(class_names)))
     if len(y_true) == 0:
         return {"n": 0}
-    p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=labels, zero_division=0)
+    cm = confusion_matrix(y_true, y_pred, len(class_names))  # (K, K)
+    tp = np.diag(cm).astype(np.float64)
+    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
+    p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
+    present = support > 0  # balanced accuracy averages recall over the classes that occur
     out = {
         "n": int(len(y_true)),
-        "accuracy": float(accuracy_score(y_true, y_pred)),
-        "balanced_accuracy": float(balanced_accuracy_score(y_true, y_pred)),
-        "macro_f1": float(f1_score(y_true, y_pred, labels=labels, average="macro", zero_division=0)),
+        "accuracy": float(tp.sum() / len(y_true)),
+        "balanced_accuracy": float(r[present].mean()),
+        "macro_f1": float(f.mean()),
         "per_class": {
-            name: {"precision": float(p[k]), "recall": float(r[k]), "f1": float(f[k]), "support": int(s[k])}
+            name: {
+                "precision": float(p[k]),
+                "recall": float(r[k]),
+                "f1": float(f[k]),
+                "support": int(support[k]),
+            }
             for k, name in enumerate(class_names)
         },
-        "confusion_matrix": confusion_matrix(y_true, y_pred, labels=labels).tolist(),
+        "confusion_matrix": cm.tolist(),
     }
     if scores is not None and scores.shape[1] > 5:
         top5 = np.argsort(-scores, axis=1)[:, :5]
@@ -269,7 +283,7 @@ def evaluate_run(
     Args:
         run_dir: a folder written by `finetune run`.
         data: class folders (or train/val/test folders, all of which are evaluated; or a CSV via labels_csv).
-        out: where evaluation.json, predictions.json and the PNGs go (default RUN/eval-<data name>/).
+        out: where evaluation.json, predictions.json and the SVG figures go (default RUN/eval-<data name>/).
 
     Raises:
         RunError: not a run folder. DataError: no images, classes the run does not know, `out` inside `data`.
@@ -351,33 +365,34 @@ def _refresh_report(run_dir: Path, log: Callable[[str], None]) -> None:
 
 def _write(ev: Evaluation, index, y_true, y_pred, confidence, class_names: list[str]) -> None:
     """evaluation.json, predictions.json and the figures, each written atomically into ev.out_dir."""
-    from finetune.report import confusion_png, mistakes_png, reliability_png
+    from finetune.report import confusion_svg, mistakes_svg, reliability_svg
     from finetune.runs import atomic_write, write_json
 
     out = ev.out_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    def png(name: str, blob: bytes) -> None:
-        atomic_write(out / f"{name}.png", lambda fh: fh.write(blob))
-        ev.files[name] = out / f"{name}.png"
+    def figure(name: str, svg: str) -> None:
+        blob = svg.encode("utf-8")
+        atomic_write(out / f"{name}.svg", lambda fh: fh.write(blob))
+        ev.files[name] = out / f"{name}.svg"
 
-    png(
+    figure(
         "confusion_matrix",
-        confusion_png(
+        confusion_svg(
             np.asarray(ev.metrics["confusion_matrix"]),
             class_names,
             f"confusion matrix ({index.root.name}, n={len(y_true)})",
         ),
     )
     if ev.metrics["calibration"] is not None:
-        png(
+        figure(
             "reliability",
-            reliability_png(reliability_bins(confidence, y_true == y_pred), ev.metrics["calibration"]["ece"]),
+            reliability_svg(reliability_bins(confidence, y_true == y_pred), ev.metrics["calibration"]["ece"]),
         )
     worst = most_confident_mistakes(y_true, y_pred, confidence)
     if worst:
         picks = [(index.root / ev.rows[i]["path"], ev.rows[i]) for i in worst]
-        png("mistakes", mistakes_png(picks, ev.score_kind))
+        figure("mistakes", mistakes_svg(picks, ev.score_kind))
     ev.files["evaluation"] = out / "evaluation.json"
     ev.files["predictions"] = out / "predictions.json"
     write_json(out / "predictions.json", ev.rows)

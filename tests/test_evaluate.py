@@ -8,11 +8,11 @@ from __future__ import annotations
 
 import json
 import shutil
+import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
 from typer.testing import CliRunner
 
 from finetune.evaluate import (
@@ -22,20 +22,18 @@ from finetune.evaluate import (
     reliability_bins,
 )
 from tests.conftest import invoke, one_line_error, tree_digest, write_images
+from tests.test_report import SVG, all_text, by_position, group, luminance, parse_svg, png_of_href
 
 runner = CliRunner()
 CLASSES = ("blue", "green", "red")  # sorted: the run's class order
 
 
-def assert_png(path: Path, min_side: int = 100) -> None:
-    """A valid PNG of reasonable size that is not one flat colour."""
-    with Image.open(path) as im:
-        assert im.format == "PNG"
-        im.verify()
-    with Image.open(path) as im:
-        assert min(im.size) >= min_side, im.size
-        pixels = np.asarray(im.convert("L"))
-    assert pixels.std() > 5, f"{path} looks blank"
+def assert_svg(path: Path) -> ET.Element:
+    """A self-contained SVG figure (see parse_svg) with coloured marks and text, not a blank canvas."""
+    root = parse_svg(path.read_text(encoding="utf-8"))
+    marks = {r.get("fill") for r in root.iter(f"{SVG}rect")} - {"#ffffff", "none"}
+    assert (marks or list(root.iter(f"{SVG}image"))) and all_text(root), f"{path} looks blank"
+    return root
 
 
 # --------------------------------------------------------------------------- pure metrics
@@ -44,7 +42,9 @@ def assert_png(path: Path, min_side: int = 100) -> None:
 def test_metrics_match_sklearn_including_top5():
     from sklearn.metrics import (
         accuracy_score,
+        balanced_accuracy_score,
         confusion_matrix,
+        f1_score,
         precision_recall_fscore_support,
         top_k_accuracy_score,
     )
@@ -56,9 +56,13 @@ def test_metrics_match_sklearn_including_top5():
     scores = rng.random((n, k))
     scores[np.arange(n), y_true] += 0.4  # better than chance, still many mistakes
     y_pred = scores.argmax(1)
+    y_pred[y_pred == 6] = 5  # class 6 is never predicted: its precision is undefined (0, as sklearn)
     m = classification_metrics(y_true, y_pred, names, scores)
 
     assert m["accuracy"] == pytest.approx(accuracy_score(y_true, y_pred))
+    assert m["balanced_accuracy"] == pytest.approx(balanced_accuracy_score(y_true, y_pred))
+    assert m["macro_f1"] == pytest.approx(f1_score(y_true, y_pred, average="macro", zero_division=0))
+    assert m["per_class"]["c6"]["precision"] == 0.0
     p, r, f, s = precision_recall_fscore_support(y_true, y_pred, labels=range(k), zero_division=0)
     for i, name in enumerate(names):
         row = m["per_class"][name]
@@ -113,37 +117,93 @@ def test_most_confident_mistakes_by_hand():
     assert most_confident_mistakes([0, 1], [0, 1], [0.5, 0.5]) == []
 
 
-def test_confusion_figure_shows_sklearn_counts():
+def test_confusion_svg_shows_sklearn_counts_and_blues_shades():
+    from matplotlib import colormaps  # reference colours only: the report itself never imports matplotlib
     from sklearn.metrics import confusion_matrix
 
-    from finetune.report import confusion_figure
+    from finetune.report import confusion_svg
 
-    y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2]
-    y_pred = [0, 1, 0, 1, 1, 2, 0, 2, 2]
+    y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
+    y_pred = [0, 1, 0, 1, 1, 2, 0, 2, 2, 1]
     cm = confusion_matrix(y_true, y_pred)
-    fig = confusion_figure(cm, ["a", "b", "c"])
-    ax = fig.axes[0]
-    texts = [[None] * 3 for _ in range(3)]
-    for t in ax.texts:
-        x, y = t.get_position()
-        texts[int(round(y))][int(round(x))] = int(t.get_text())
-    assert texts == [[2, 1, 0], [0, 2, 0], [1, 0, 3]]
-    assert [t.get_text() for t in ax.get_yticklabels()] == ["a", "b", "c"]
+    root = parse_svg(confusion_svg(cm, ["a", "b", "c", "d"], "confusion (val)"))
+    counts = by_position(group(root, "counts"))
+    assert [int(t.text) for t in counts] == cm.ravel().tolist()  # read back row by row
+
+    share = (cm / cm.sum(axis=1, keepdims=True)).ravel()  # rows are the true classes
+    fills = [c.get("fill") for c in by_position(group(root, "cells"))]
+    assert len(fills) == 16
+    for fill, s in zip(fills, share, strict=True):  # matplotlib's "Blues", vmin 0, vmax 1
+        reference = np.asarray(colormaps["Blues"](s)[:3]) * 255
+        assert np.abs(np.asarray([int(fill[i : i + 2], 16) for i in (1, 3, 5)]) - reference).max() <= 4
+    lum = [luminance(f) for f in fills]
+    for a in range(16):  # a larger share of the true class is a darker cell
+        for b in range(16):
+            if share[a] > share[b] + 1e-9:
+                assert lum[a] < lum[b], (a, b)
+    assert {k for k, t in enumerate(counts) if t.get("fill") == "#ffffff"} == set(np.flatnonzero(share > 0.5))
+    assert [t.text for t in by_position(group(root, "ylabels"))] == ["a", "b", "c", "d"]
+    assert {"confusion (val)", "predicted", "true", "share of true class"} <= set(all_text(root))
 
 
-def test_reliability_figure_bars_are_the_bin_accuracies():
-    from finetune.report import reliability_figure
+def test_confusion_svg_layout_follows_the_number_of_classes():
+    from matplotlib import colormaps
 
-    conf = [0.9, 0.9, 0.65, 0.3]
+    from finetune.report import confusion_svg
+
+    def figure(k: int) -> tuple[np.ndarray, ET.Element]:
+        cm = np.random.default_rng(k).integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=np.int64)
+        return cm, parse_svg(confusion_svg(cm, [f"class {i}" for i in range(k)]))
+
+    (_, k3), (_, k8), (_, k30), (cm120, k120), (_, k400) = (figure(k) for k in (3, 8, 30, 120, 400))
+    assert not any(t.get("transform") for t in group(k3, "xlabels"))
+    assert all("rotate(-90)" in t.get("transform", "") for t in group(k8, "xlabels"))  # beyond 6 classes
+    assert len(group(k8, "counts")) == 64
+    # counts up to 25 classes, tick labels up to 50
+    assert group(k30, "counts") is None
+    assert len(group(k30, "ylabels")) == 30 and len(group(k30, "cells")) == 900
+    assert group(k120, "ylabels") is None and group(k120, "cells") is None
+    # beyond 50: one pixel per cell in an embedded PNG, coloured as the cells would be
+    (image,) = k120.iter(f"{SVG}image")
+    pixels = np.asarray(png_of_href(image).convert("RGB"), dtype=float)  # (K, K, 3)
+    reference = colormaps["Blues"](cm120 / cm120.sum(axis=1, keepdims=True))[..., :3] * 255  # (K, K, 3)
+    assert pixels.shape == (120, 120, 3) and np.abs(pixels - reference).max() <= 4
+    # the figure grows with K, up to a cap
+    widths = [int(r.get("width")) for r in (k3, k8, k30, k120)]
+    assert widths == sorted(widths) and len(set(widths)) == 4
+    assert int(k400.get("width")) == widths[-1]
+
+
+def test_reliability_svg_bars_are_the_bin_accuracies():
+    from finetune.report import reliability_svg
+
+    conf = [0.9, 0.9, 0.65, 0.3]  # the example of test_ece_by_hand
     correct = [True, False, True, False]
-    fig = reliability_figure(reliability_bins(conf, correct), 0.3625)
-    heights = [round(p.get_height(), 6) for p in fig.axes[0].patches]
-    expected = [0.0] * 15
-    expected[13], expected[9], expected[4] = 0.5, 1.0, 0.0
-    assert heights == expected
-    counts = [p.get_height() for p in fig.axes[1].patches]
-    assert counts[13] == 2 and counts[9] == 1 and counts[4] == 1 and sum(counts) == 4
-    assert "0.3625" in fig.axes[0].get_title()
+    root = parse_svg(reliability_svg(reliability_bins(conf, correct), 0.3625, "reliability (val)"))
+    bars = sorted(group(root, "accuracy"), key=lambda r: float(r.get("x")))
+    heights = np.asarray([float(b.get("height")) for b in bars])
+    expected = np.zeros(15)
+    expected[13], expected[9] = 0.5, 1.0  # bin 4 holds one wrong prediction: accuracy 0
+    scale = heights[9]
+    assert len(bars) == 15 and scale > 100
+    assert heights == pytest.approx(expected * scale, abs=0.02)
+    assert len({round(float(b.get("y")) + float(b.get("height")), 1) for b in bars}) == 1  # one baseline
+    step = np.diff([float(b.get("x")) for b in bars])
+    assert np.ptp(step) < 0.05  # equal-width bins side by side
+    # the dashed diagonal goes from (0, 0) to (1, 1): as high as a bar of accuracy 1, as wide as 15 bins
+    dashed = [ln for ln in root.iter(f"{SVG}line") if ln.get("stroke-dasharray")]
+    diag = max(dashed, key=lambda ln: float(ln.get("x2")) - float(ln.get("x1")))
+    assert float(diag.get("y1")) - float(diag.get("y2")) == pytest.approx(scale, abs=0.05)
+    assert float(diag.get("x2")) - float(diag.get("x1")) == pytest.approx(15 * step.mean(), abs=0.05)
+
+    counts = sorted(group(root, "counts"), key=lambda r: float(r.get("x")))
+    count_h = np.asarray([float(b.get("height")) for b in counts])
+    expected_counts = np.zeros(15)
+    expected_counts[13], expected_counts[9], expected_counts[4] = 2, 1, 1
+    assert count_h == pytest.approx(expected_counts * count_h[13] / 2, abs=0.02) and count_h[13] > 50
+    texts = all_text(root)
+    assert "reliability (val): ECE 0.3625" in texts and "perfect calibration" in texts
+    assert {"0", "0.2", "0.4", "0.6", "0.8", "1"} <= set(texts) and "2" in texts  # ticks; max count
 
 
 # --------------------------------------------------------------------------- the command on a real run
@@ -183,8 +243,11 @@ def test_evaluate_writes_metrics_and_figures_without_touching_data(trained, tmp_
     assert tree_digest(hold) == before  # nothing written into DATA
     ev_dir = run / "eval-hold"  # the default output folder
     assert Path(out["out"]) == ev_dir
-    for name in ("confusion_matrix", "reliability", "mistakes"):
-        assert_png(ev_dir / f"{name}.png")
+    figures = {
+        name: assert_svg(ev_dir / f"{name}.svg") for name in ("confusion_matrix", "reliability", "mistakes")
+    }
+    for name in figures:
+        assert out["files"][name] == str(ev_dir / f"{name}.svg")
     saved = json.loads((ev_dir / "evaluation.json").read_text())
     assert saved["metrics"] == out["metrics"]
     report = (run / "report.html").read_text(encoding="utf-8")  # re-rendered: lists this evaluation
@@ -200,6 +263,11 @@ def test_evaluate_writes_metrics_and_figures_without_touching_data(trained, tmp_
     assert m["n"] == 12
     assert m["accuracy"] == pytest.approx(np.mean(np.equal(y_true, y_pred)))
     assert m["confusion_matrix"] == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).tolist()
+    shown = [int(t.text) for t in by_position(group(figures["confusion_matrix"], "counts"))]
+    assert shown == confusion_matrix(y_true, y_pred, labels=[0, 1, 2]).ravel().tolist()
+    # every mistake (8 here; the grid holds up to 16) with its thumbnail
+    n_wrong = sum(a != b for a, b in zip(y_true, y_pred, strict=True))
+    assert len(list(figures["mistakes"].iter(f"{SVG}image"))) == n_wrong == 8
     p, r, f, _ = precision_recall_fscore_support(y_true, y_pred, labels=[0, 1, 2], zero_division=0)
     assert [m["per_class"][c]["f1"] for c in CLASSES] == pytest.approx(list(f))
     # the swapped folders are exactly the mistakes: red images filed as blue and vice versa
@@ -260,7 +328,7 @@ def test_every_split_folder_is_evaluated_with_a_subset_of_classes_and_broken_fil
     assert res.exit_code == 0, res.output
     assert "6 images evaluated, 1 skipped" in res.stdout and "accuracy: 1.0000" in res.stdout
     assert "mistakes" not in res.stdout  # no mistakes, no grid
-    assert not (tmp_path / "ev" / "mistakes.png").exists()
+    assert not (tmp_path / "ev" / "mistakes.svg").exists()
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert saved["metrics"]["n"] == 6
     assert saved["metrics"]["per_class"]["blue"]["support"] == 0  # the run's class list, blue absent
@@ -279,8 +347,9 @@ def test_svm_run_has_no_calibration(trained, tmp_path):
     assert "not applicable" in res.stdout
     saved = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert saved["metrics"]["calibration"] is None and saved["score_kind"] == "score"
-    assert not (tmp_path / "ev" / "reliability.png").exists()
-    assert_png(tmp_path / "ev" / "mistakes.png")
+    assert not (tmp_path / "ev" / "reliability.svg").exists()
+    mistakes = assert_svg(tmp_path / "ev" / "mistakes.svg")
+    assert all(" (score " in t for t in all_text(mistakes) if t.startswith("pred "))  # no probabilities
 
 
 # --------------------------------------------------------------------------- the user's mistakes

@@ -2,6 +2,8 @@
 
 One real run of the packaged lite0 at 64 px (module fixture); other variants are copies of
 its folder with hand-written history.csv / stages / predictions, re-rendered by write_report.
+The hand-written SVG figures are parsed back with ElementTree (`parse_svg`, also used by
+test_evaluate.py) and compared with sklearn, matplotlib's colormap and hand calculations.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import math
 import os
 import shutil
 import subprocess
+import sys
+import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -21,7 +25,7 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.report import confusion_png, curves_figure, read_history, write_report
+from finetune.report import confusion_svg, curves_figure, mistakes_svg, read_history, write_report
 from tests.conftest import invoke, write_images
 
 runner = CliRunner()
@@ -87,6 +91,59 @@ def png_from_data_uri(src: str) -> Image.Image:
     return im
 
 
+# --------------------------------------------------------------------------- reading SVG back
+
+SVG = "{http://www.w3.org/2000/svg}"
+XLINK_HREF = "{http://www.w3.org/1999/xlink}href"
+
+
+def parse_svg(text: str) -> ET.Element:
+    """The root of a self-contained SVG 1.1 document; fails on a script, a reference or a foreign element."""
+    root = ET.fromstring(text)
+    assert root.tag == f"{SVG}svg" and root.get("version") == "1.1", root.tag
+    assert int(root.get("width")) >= 100 and int(root.get("height")) >= 100
+    assert "url(" not in text  # no reference to anything, not even inside the document
+    for el in root.iter():
+        assert el.tag.startswith(SVG), el.tag  # nothing from another vocabulary (XHTML, MathML)
+        assert el.tag[len(SVG) :] not in ("script", "foreignObject", "use", "a", "style"), el.tag
+        for name, value in el.attrib.items():
+            assert not name.startswith("on"), name  # no event handlers
+            if name in ("href", XLINK_HREF):
+                assert value.startswith("data:image/png;base64,"), value[:60]  # embedded, never fetched
+    return root
+
+
+def svg_from_data_uri(src: str) -> ET.Element:
+    prefix = "data:image/svg+xml;base64,"
+    assert src.startswith(prefix), src[:60]
+    return parse_svg(base64.b64decode(src[len(prefix) :], validate=True).decode("utf-8"))
+
+
+def group(root: ET.Element, cls: str) -> ET.Element | None:
+    """The <g class="cls"> of a figure (the figures name their parts: cells, counts, accuracy, ...)."""
+    return root.find(f".//{SVG}g[@class='{cls}']")
+
+
+def by_position(elements) -> list[ET.Element]:
+    """Elements in reading order: top to bottom, then left to right (not in the order written)."""
+    return sorted(elements, key=lambda e: (round(float(e.get("y"))), float(e.get("x"))))
+
+
+def all_text(root: ET.Element) -> list[str]:
+    return ["".join(t.itertext()) for t in root.iter(f"{SVG}text")]
+
+
+def png_of_href(el: ET.Element) -> Image.Image:
+    """The PNG embedded by an <image>; href and xlink:href (for old viewers) must agree."""
+    assert el.get("href") == el.get(XLINK_HREF)
+    return png_from_data_uri(el.get("href"))
+
+
+def luminance(colour: str) -> float:
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return 0.2126 * r + 0.7152 * g + 0.0722 * b
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A linear-probe run on three classes of 6 images, one more red file broken (skipped)."""
@@ -120,8 +177,9 @@ def test_run_writes_a_self_contained_report(trained):
     images = page.images()
     assert len(images) >= 2  # confusion matrix and reliability diagram of the val split
     for src in images:
-        im = png_from_data_uri(src)
-        assert min(im.size) >= 100 and np.asarray(im.convert("L")).std() > 5
+        root = svg_from_data_uri(src)
+        fills = {r.get("fill") for r in root.iter(f"{SVG}rect")} - {"#ffffff", "none"}
+        assert fills and len(all_text(root)) >= 5  # coloured marks and labels, not a blank page
     # nothing outside the file: no external URL, no script, no stylesheet or frame to fetch
     assert "http://" not in text and "https://" not in text and "url(" not in text
     for tag, attrs in page.tags:
@@ -129,7 +187,7 @@ def test_run_writes_a_self_contained_report(trained):
         for name in ("src", "href", "srcset", "data"):
             value = attrs.get(name)
             assert value is None or value.startswith("data:"), (tag, name, value[:80])
-    assert sorted(p.name for p in (run / "figures").iterdir()) == ["confusion-val.png", "reliability-val.png"]
+    assert sorted(p.name for p in (run / "figures").iterdir()) == ["confusion-val.svg", "reliability-val.svg"]
 
 
 def test_report_data_summary_counts_files_and_lists_skipped(trained):
@@ -157,10 +215,17 @@ def test_report_confusion_matrix_is_the_one_of_predictions_json(trained):
     rows = [r for r in json.loads((run / "predictions.json").read_text()) if r["split"] == "val"]
     pos = {c: i for i, c in enumerate(CLASSES)}
     cm = confusion_matrix([pos[r["label"]] for r in rows], [pos[r["pred"]] for r in rows], labels=[0, 1, 2])
-    expected = confusion_png(cm, list(CLASSES), "confusion matrix (val)")
-    assert (run / "figures" / "confusion-val.png").read_bytes() == expected
-    wrong = confusion_png(cm[::-1], list(CLASSES), "confusion matrix (val)")
+    expected = confusion_svg(cm, list(CLASSES), "confusion matrix (val)")
+    saved = (run / "figures" / "confusion-val.svg").read_text(encoding="utf-8")
+    assert saved == expected
+    counts = [int(t.text) for t in by_position(group(parse_svg(saved), "counts"))]
+    assert counts == cm.ravel().tolist()
+    wrong = confusion_svg(cm[::-1], list(CLASSES), "confusion matrix (val)")
     assert wrong != expected  # the comparison can fail
+    # the page shows the same figure as the file
+    page = Page((run / "report.html").read_text(encoding="utf-8"))
+    src = next(s for s in page.images() if s.startswith("data:image/svg+xml"))
+    assert base64.b64decode(src.split(",", 1)[1]).decode("utf-8") == saved
 
 
 # --------------------------------------------------------------------------- history, stages, mistakes
@@ -233,10 +298,15 @@ def test_report_with_history_stages_and_a_mistake_whose_image_is_gone(trained, t
     assert "no history.csv" not in out.read_text(encoding="utf-8")
     assert any(h.startswith("Most confident mistakes (1") for h in page.headings)
     names = sorted(p.name for p in (run2 / "figures").iterdir())
-    assert names == ["confusion-val.png", "curves.png", "mistakes-val.png", "reliability-val.png"]
-    assert len(page.images()) == 4
-    for src in page.images():
-        png_from_data_uri(src)
+    assert names == ["confusion-val.svg", "curves.png", "mistakes-val.svg", "reliability-val.svg"]
+    images = page.images()
+    assert len(images) == 4
+    assert sum(src.startswith("data:image/png;base64,") for src in images) == 1  # the curves
+    png_from_data_uri(next(src for src in images if src.startswith("data:image/png")))
+    figures = [svg_from_data_uri(src) for src in images if not src.startswith("data:image/png")]
+    mistakes = parse_svg((run2 / "figures" / "mistakes-val.svg").read_text(encoding="utf-8"))
+    assert all_text(mistakes).count("image unavailable") == 1 and not list(mistakes.iter(f"{SVG}image"))
+    assert len(figures) == 3
 
 
 def test_a_plotting_failure_never_loses_the_run(tmp_path, monkeypatch, make_folder):
@@ -254,6 +324,84 @@ def test_a_plotting_failure_never_loses_the_run(tmp_path, monkeypatch, make_fold
     for name in ("model.safetensors", "config.json", "metrics.json", "predictions.json", "problems.json"):
         assert (run / name).is_file(), name
     assert not (run / "report.html").exists()
+
+
+# --------------------------------------------------------------------------- the SVG figures themselves
+
+ODD_CLASS = 'a<b&"c"\''  # every character XML escapes
+
+
+def test_mistakes_svg_thumbnails_captions_and_escaping(tmp_path):
+    wide = tmp_path / "ünï-日本 €.png"  # non-ASCII file name
+    Image.new("RGB", (300, 200), (200, 30, 30)).save(wide)
+    small = tmp_path / "small.png"
+    Image.new("RGB", (32, 32), (30, 30, 200)).save(small)
+    rows = [
+        {"path": f"x/{wide.name}", "label": ODD_CLASS, "pred": "green", "score": 0.93},
+        {"path": "x/small.png", "label": "green", "pred": ODD_CLASS, "score": 0.5},
+        {"path": "x/gone.png", "label": "red", "pred": "green", "score": 0.4},  # deleted since the run
+        {"path": "x/bad\x01name\udcff.png", "label": "red", "pred": "blue", "score": 0.3},  # XML-illegal
+        {"path": "x/small.png", "label": "red", "pred": "blue", "score": 0.2},
+        {"path": "x/small.png", "label": "red", "pred": "blue", "score": 0.1},
+    ]
+    paths = [wide, small, tmp_path / "gone.png", tmp_path / "missing", small, small]
+    picks = list(zip(paths, rows, strict=True))
+    text = mistakes_svg(picks, "probability")
+    root = parse_svg(text)
+    assert mistakes_svg(picks, "probability") == text  # same input, same bytes
+
+    # one <image> per readable file, "image unavailable" for each of the other two
+    images = list(root.iter(f"{SVG}image"))
+    assert len(images) == 4
+    assert all_text(root).count("image unavailable") == 2
+    thumbs = [png_of_href(el) for el in images]
+    # longest side 128 px: 300x200 -> 128x85 (200 * 128 / 300 = 85.3); a smaller image is not enlarged
+    assert sorted(t.size for t in thumbs) == [(32, 32)] * 3 + [(128, 85)]
+    big = next(t for t in thumbs if t.size == (128, 85))
+    assert np.abs(np.asarray(big, float).mean(axis=(0, 1)) - (200, 30, 30)).max() < 2  # the wide file
+
+    # three caption lines per pick, text as written (ElementTree undoes the escaping)
+    texts = all_text(root)
+    for line in (wide.name, f"true {ODD_CLASS}", "pred green (p 0.93)", f"pred {ODD_CLASS} (p 0.50)"):
+        assert line in texts, line
+    assert "bad\ufffdname\ufffd.png" in texts  # control character and undecodable byte replaced
+    # at most 4 columns: 6 picks make a 4 + 2 grid
+    cells = root.findall(f".//{SVG}g[@class='mistake']")
+    assert len(cells) == 6
+    firsts = [c.find(f"{SVG}text") for c in cells]
+    assert len({t.get("x") for t in firsts}) == 4 and len({t.get("y") for t in firsts}) == 2
+
+    svm = parse_svg(mistakes_svg([(wide, {**rows[0], "score": 1.2})], "score"))  # an SVM's decision score
+    assert "pred green (score 1.20)" in all_text(svm)
+
+
+def test_confusion_svg_escapes_class_names():
+    names = [ODD_CLASS, "béta", "日本"]
+    text = confusion_svg(np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1]]), names, f"confusion {ODD_CLASS}")
+    root = parse_svg(text)
+    assert ["".join(t.itertext()) for t in by_position(group(root, "ylabels"))] == names
+    assert ["".join(t.itertext()) for t in group(root, "xlabels")] == names
+    assert f"confusion {ODD_CLASS}" in all_text(root)
+    assert root.find(f"{SVG}title").text == f"confusion {ODD_CLASS}"
+
+
+def test_probe_report_does_not_import_matplotlib(trained, tmp_path):
+    """A probe run has no history.csv: its report is written without matplotlib (nor sklearn)."""
+    run, _ = trained
+    run2 = copy_run(run, tmp_path / "run2")
+    preds = json.loads((run2 / "predictions.json").read_text())
+    preds[0]["pred"] = next(c for c in CLASSES if c != preds[0]["label"])  # a mistake: its grid too
+    (run2 / "predictions.json").write_text(json.dumps(preds))
+    code = (
+        "import sys; from finetune.report import write_report; write_report(sys.argv[1]); "
+        "heavy = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
+        "assert not heavy, heavy"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(run2)], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr[-2000:]
+    names = sorted(p.name for p in (run2 / "figures").iterdir())
+    assert names == ["confusion-val.svg", "mistakes-val.svg", "reliability-val.svg"]
+    assert len(Page((run2 / "report.html").read_text(encoding="utf-8")).images()) == 3
 
 
 # --------------------------------------------------------------------------- a real browser
