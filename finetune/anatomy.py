@@ -451,6 +451,28 @@ def _cut(model: nn.Module, names: Sequence[str], pool: str, single: bool) -> nn.
     return Trunk(model, names, paths, pool, single)
 
 
+class OneTap(nn.Module):
+    """A one-tap trunk with the multi-tap interface: forward returns a 1-tuple."""
+
+    def __init__(self, trunk: nn.Module) -> None:
+        super().__init__()
+        self.trunk = trunk
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
+        return (self.trunk(x),)
+
+
+class Concatenated(nn.Module):
+    """Several taps from one forward, as one (B, sum D_i) tensor: engines and caches see one output."""
+
+    def __init__(self, multi: nn.Module) -> None:
+        super().__init__()
+        self.multi = multi
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([t.flatten(1) for t in self.multi(x)], dim=1)  # (B, sum D_i)
+
+
 def build_trunk(model: nn.Module, tap: str = "pool", pool: str = "avg") -> nn.Module:
     """The network up to `tap`: images (B, 3, H, W) -> features (B, D). Modifies `model`.
 

@@ -8,13 +8,17 @@ shadows timm. Adding an architecture is adding a row to `ALIASES`::
     spec = resolve("vgg16")                       # BackboneSpec(model="vgg16.tv_in1k", ...)
     bb = build("lite0")                           # packaged ImageNet weights, works offline
     bb.model, bb.preprocessing, bb.weights.source # nn.Module, Preprocessing, "packaged"
+    bb = open_backbone("lite0")                   # the same, built only when .model is first used
 """
 
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import os
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
@@ -126,14 +130,47 @@ ALIASES: dict[str, BackboneSpec] = dict(
 )
 
 
-@dataclass
 class Backbone:
-    """A built network: the module (eval mode), its preprocessing, and where its weights came from."""
+    """A network (eval mode), its preprocessing, and where its weights came from.
 
-    spec: BackboneSpec
-    model: Any  # torch.nn.Module; Any keeps torch out of import time
-    preprocessing: Preprocessing
-    weights: WeightsInfo = field(default_factory=lambda: WeightsInfo("random"))
+    `model` is built on first use when the backbone comes from its card (`open_backbone`): a
+    probe whose features are all cached reads preprocessing, weights fingerprint and taps from
+    the card and never builds the network (nor imports torch).
+    """
+
+    def __init__(
+        self,
+        spec: BackboneSpec,
+        model: Any = None,  # torch.nn.Module; Any keeps torch out of import time
+        preprocessing: Preprocessing | None = None,
+        weights: WeightsInfo | None = None,
+        make: Callable[[], Any] | None = None,
+        tap_names: Sequence[str] | None = None,
+    ) -> None:
+        self.spec = spec
+        self.preprocessing = preprocessing or Preprocessing()
+        self.weights = weights or WeightsInfo("random")
+        self._model, self._make = model, make
+        self._tap_names = tuple(tap_names) if tap_names is not None else None
+
+    @property
+    def model(self) -> Any:
+        if self._model is None and self._make is not None:
+            self._model = self._make()
+        return self._model
+
+    @property
+    def built(self) -> bool:
+        return self._model is not None
+
+    @property
+    def tap_names(self) -> tuple[str, ...]:
+        """Named layers for features, bottom to top (`anatomy.taps`)."""
+        if self._tap_names is None:
+            from finetune.anatomy import taps
+
+            self._tap_names = tuple(taps(self.model))
+        return self._tap_names
 
 
 @lru_cache(maxsize=1)
@@ -293,19 +330,114 @@ def build(
     pretrained: bool = True,
     weights_file: str | os.PathLike | None = None,
     weights_map: str = "name",
+    seed: int | None = None,
 ) -> Backbone:
     """Build a backbone in eval mode with weights resolved as in `weights.py`.
+
+    `seed` seeds torch first, so a random init (--no-pretrained) is reproducible.
 
     Raises:
         BackboneError: unknown name.
         WeightsError: no weights offline, an unsafe file, or a file that does not fit.
     """
     spec = name if isinstance(name, BackboneSpec) else resolve(name)
+    if seed is not None:
+        import torch
+
+        torch.manual_seed(seed)
     if spec.source == "builtin" and (pretrained and weights_file is None):
         pretrained = False  # nothing published: random init, said in the notes and by `backbones`
     model, info = _build_model(spec, pretrained, weights_file, weights_map)
     model.eval()
     return Backbone(spec=spec, model=model, preprocessing=_preprocessing_of(spec, model), weights=info)
+
+
+# --------------------------------------------------------------------------- cards
+
+# Sources whose file cannot be shadowed by another one appearing later: a card stays true as
+# long as that file is unchanged. Hub-cache weights (a newer snapshot may appear) are never carded.
+CARDED_SOURCES = ("packaged", "file")
+
+
+def _card_path(name: str, pretrained: bool, weights_file, weights_map: str):
+    from finetune.paths import cache_root
+    from finetune.runs import versions
+
+    v = versions()
+    request = [
+        name,
+        pretrained,
+        os.path.abspath(weights_file) if weights_file is not None else None,
+        weights_map,
+        [v.get(k, "") for k in ("finetune", "torch", "torchvision", "timm")],
+    ]
+    digest = hashlib.sha256(json.dumps(request).encode()).hexdigest()[:32]
+    return cache_root() / "backbones" / f"{digest}.json"
+
+
+def _read_card(path, name: str, make: Callable[[], Backbone]) -> Backbone | None:
+    """The backbone a card describes, or None when it is missing, damaged or its file changed."""
+    from finetune.features import file_key
+
+    try:
+        card = json.loads(path.read_text(encoding="utf-8"))
+        weights = WeightsInfo(**card["weights"])
+        if weights.source not in CARDED_SOURCES or file_key(weights.path) != card["weights_file_key"]:
+            return None
+        spec = ALIASES.get(name) or BackboneSpec(name=name, model=card["model"], family=card["family"])
+        if spec.model != card["model"]:
+            return None
+        pre = Preprocessing.from_dict(card["preprocessing"])
+        return Backbone(spec, None, pre, weights, make=lambda: make().model, tap_names=card["taps"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def _write_card(path, bb: Backbone) -> None:
+    from finetune.features import file_key
+    from finetune.runs import write_json
+
+    if bb.weights.source not in CARDED_SOURCES:
+        return
+    card = {
+        "model": bb.spec.model,
+        "family": bb.spec.family,
+        "weights": bb.weights.to_dict(),
+        "weights_file_key": file_key(bb.weights.path),
+        "preprocessing": bb.preprocessing.to_dict(),
+        "taps": list(bb.tap_names),
+    }
+    write_json(path, card)
+
+
+def open_backbone(
+    name: str = DEFAULT_BACKBONE,
+    pretrained: bool = True,
+    weights_file: str | os.PathLike | None = None,
+    weights_map: str = "name",
+    cards: bool = True,
+    seed: int | None = None,
+) -> Backbone:
+    """`build`, deferred when a card in the cache still describes the result.
+
+    A card (`backbones/<request digest>.json`) records what `build` resolved: the model, the
+    weights file with its sha256 and file key (path, size, mtime, inode), preprocessing and taps.
+    It is keyed by the request and the library versions, and used only while the weights file
+    is unchanged; the network itself is built on first use of `.model`.
+    """
+
+    def make() -> Backbone:
+        return build(name, pretrained, weights_file, weights_map, seed)
+
+    if not cards or not pretrained:
+        return make()
+    path = _card_path(name, pretrained, weights_file, weights_map)
+    found = _read_card(path, name, make) if path.is_file() else None
+    if found is not None:
+        return found
+    bb = make()
+    _write_card(path, bb)
+    return bb
 
 
 def _load_file(spec: BackboneSpec, bare, weights_file, weights_map: str):

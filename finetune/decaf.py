@@ -77,9 +77,9 @@ def extract_to_file(opts: ExtractOptions, log: Callable[[str], None] = _quiet) -
     """Extract the features of `opts.layers` for every image of `opts.data` and write one file."""
     from finetune.backbones import build
     from finetune.data import scan
+    from finetune.dist import start_distributed, stop_distributed
     from finetune.featfile import check_output, write_features
     from finetune.features import extract_taps, pick_device
-    from finetune.train import start_distributed, stop_distributed
 
     if opts.pool not in ("avg", "max", "none"):
         raise DataError(f"unknown pooling {opts.pool!r}", "choose --pool avg, max or none")

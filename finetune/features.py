@@ -25,14 +25,17 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-from torch import nn
 
 from finetune.data import DatasetIndex, ImageDataset, Preprocessing, default_workers, eval_reader, make_loader
 from finetune.paths import cache_root
 from finetune.progress import progress_bar
+
+if TYPE_CHECKING:  # torch is imported where a network runs: a fully cached probe never imports it
+    import torch
+    from torch import nn
 
 
 @dataclass
@@ -57,6 +60,8 @@ class Features:
 
 def pick_device(device: str = "auto") -> torch.device:
     """'auto' -> cuda, then mps, then cpu; anything else as given."""
+    import torch
+
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -99,6 +104,12 @@ class FeatureIdentity:
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:32]
+
+    @property
+    def trunk_digest(self) -> str:
+        """What the cut network's tensors depend on: not the pixels' preprocessing or decoder."""
+        key = [self.model, self.weights_sha256, self.tap, self.pool, self.versions]
+        return hashlib.sha256(json.dumps(key).encode()).hexdigest()[:32]
 
 
 def file_key(path: Path) -> str:
@@ -195,16 +206,45 @@ def cache_info(root: Path | None = None) -> list[dict]:
 
 
 def cache_clear(root: Path | None = None) -> int:
-    """Remove cached features and exported engines; returns bytes freed."""
+    """Remove cached features, exported engines, cut networks and backbone cards; returns bytes freed."""
     import shutil
 
     freed = 0
-    for sub in ("features", "engines"):
+    for sub in ("features", "engines", "trunks", "backbones"):
         d = (root or cache_root()) / sub
         if d.is_dir():
             freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
             shutil.rmtree(d)
     return freed
+
+
+def trunk_tensors(backbone, tap: str, pool: str, preprocessing: Preprocessing, cache: bool = True) -> dict:
+    """The tensors of `backbone` cut at `tap`, named as in the saved model ("trunk.<name>"), as numpy.
+
+    Cached next to the features (`trunks/<digest>.safetensors`), so a probe whose features all
+    come from the cache writes its model without building the network, and without torch.
+    Building cuts `backbone.model` in place: call this after the last use of the full network.
+    """
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file, save
+
+    from finetune.runs import atomic_write
+
+    ident = FeatureIdentity.of(backbone, tap, pool, preprocessing) if cache else None
+    path = cache_root() / "trunks" / f"{ident.trunk_digest}.safetensors" if ident else None
+    if path is not None and path.is_file():
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError):
+            pass  # a damaged file is rebuilt and replaced
+    from finetune.anatomy import build_trunk
+
+    trunk = build_trunk(backbone.model, tap, pool)
+    tensors = {f"trunk.{k}": v.detach().cpu().contiguous().numpy() for k, v in trunk.state_dict().items()}
+    if path is not None:
+        blob = save(tensors)
+        atomic_write(path, lambda fh: fh.write(blob))
+    return tensors
 
 
 # --------------------------------------------------------------------------- extraction
@@ -256,6 +296,7 @@ def _shard(todo: list[int]) -> tuple[list[int], int]:
 
 def _all_gather_bytes(blob: bytes) -> list[bytes]:
     """Every rank's bytes, in rank order, as uint8 tensors (no pickled objects; gloo and nccl)."""
+    import torch
     import torch.distributed as dist
 
     device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
@@ -295,33 +336,13 @@ def _gather(
 # --------------------------------------------------------------------------- several taps, one pass
 
 
-class _Tuple(nn.Module):
-    """A one-tap trunk with the multi-tap interface: forward returns a 1-tuple."""
+def _tap_shapes(multi, input_size: int) -> list[tuple[int, ...]]:
+    import torch
 
-    def __init__(self, trunk: nn.Module) -> None:
-        super().__init__()
-        self.trunk = trunk
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor]:
-        return (self.trunk(x),)
-
-
-class _Concat(nn.Module):
-    """Several taps from one forward, as one (B, sum D_i) tensor: engines and caches see one output."""
-
-    def __init__(self, multi: nn.Module) -> None:
-        super().__init__()
-        self.multi = multi
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([t.flatten(1) for t in self.multi(x)], dim=1)  # (B, sum D_i)
-
-
-@torch.no_grad()
-def _tap_shapes(multi: nn.Module, input_size: int) -> list[tuple[int, ...]]:
     was = multi.training
     multi.eval()
-    outs = multi(torch.zeros(1, 3, input_size, input_size))
+    with torch.no_grad():
+        outs = multi(torch.zeros(1, 3, input_size, input_size))
     multi.train(was)
     return [tuple(o.shape[1:]) for o in outs]
 
@@ -351,17 +372,17 @@ def extract_taps(
         {tap: Features}, every one with the same positions; `Features.shape` of a "none" tap is
         the unpooled (C, H, W).
     """
-    import copy
-
-    from finetune.anatomy import build_multi_trunk, build_trunk
-
     taps = list(dict.fromkeys(taps))
 
     def network() -> nn.Module:
+        import copy
+
+        from finetune.anatomy import OneTap, build_multi_trunk, build_trunk
+
         model = copy.deepcopy(backbone.model)
         # One tap: the plain cut network (cheapest, exports cleanly); several: one pass with hooks.
         if len(taps) == 1:
-            return _Tuple(build_trunk(model, taps[0], pool))
+            return OneTap(build_trunk(model, taps[0], pool))
         return build_multi_trunk(model, taps, pool)
 
     idents = [FeatureIdentity.of(backbone, t, pool, preprocessing) for t in taps]
@@ -400,8 +421,10 @@ def extract(
         identity: what the features depend on; None disables the cache (and the ONNX engine).
         cache: read and write the feature cache.
     """
+    from finetune.anatomy import OneTap
+
     out = _extract_outputs(
-        lambda: _Tuple(trunk),
+        lambda: OneTap(trunk),
         ["x"],
         [identity],
         index,
@@ -436,8 +459,6 @@ def _extract_outputs(
     `network()` is built only when some image is missing from the cache; its forward returns
     one tensor per name. Outputs without an identity (random weights) are never cached.
     """
-    from finetune.engine import engine_key, make_engine
-
     start = time.perf_counter()
     positions = [int(p) for p in positions]
     fingerprinted = all(i is not None for i in idents)
@@ -453,12 +474,16 @@ def _extract_outputs(
     bad: dict[int, str] = {}
     engine_name, shapes = "cache", None
     if todo:
+        from finetune.anatomy import Concatenated
+        from finetune.engine import engine_key, make_engine
+
+        device = pick_device(device) if isinstance(device, str) else device  # "auto", "cuda:1", ...
         multi = network()
         shapes = _tap_shapes(multi, preprocessing.input_size)
         # The exported engine is keyed like the cache (weights fingerprint), with or without caching.
         digest = "+".join(i.digest for i in idents) if fingerprinted else None
         key = engine_key(digest, preprocessing.input_size) if digest else None
-        engine = make_engine(_Concat(multi), key, preprocessing.input_size, torch.device(device), log=log)
+        engine = make_engine(Concatenated(multi), key, preprocessing.input_size, device, log=log)
         engine_name = engine.name
         workers = default_workers() if workers is None else workers
         mine, world = _shard(todo)

@@ -5,8 +5,11 @@ by stratified cross-validation on the training split, then folds the scaler into
 so the saved model is a plain module: trunk -> Linear::
 
     head = fit_head(x_train, y_train, kind="logreg")      # FittedHead (numpy)
-    linear = fold(head)                                    # nn.Linear(D, K)
-    model = Classifier(trunk, linear)
+    w, b = fold(head)                                      # (K, D), (K,): scores = x @ w.T + b
+    model = Classifier(trunk, linear_layer(w, b))          # finetune.model
+
+Everything here is numpy + scipy: a cached re-run fits its head without importing torch or
+scikit-learn (about 5 s and 2 s of imports on a 2-core machine).
 
 Both heads are solved by full-batch L-BFGS (scipy) on scikit-learn's exact objectives,
 warm-started along the C path: logistic regression as LogisticRegression(lbfgs) (mean
@@ -21,12 +24,11 @@ the two rows (-w/2, +w/2), and for the SVM their argmax is the sign of w.x + b.
 
 from __future__ import annotations
 
+import os
 import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
 C_GRID = (0.001, 0.01, 0.1, 1.0, 10.0)
 HEADS = ("logreg", "svm")
@@ -50,18 +52,6 @@ class FittedHead:
         return self.kind == "logreg"
 
 
-class Classifier(nn.Module):
-    """The one artifact every recipe produces: trunk (B, 3, H, W) -> (B, D), head (B, D) -> (B, K)."""
-
-    def __init__(self, trunk: nn.Module, head: nn.Linear) -> None:
-        super().__init__()
-        self.trunk = trunk
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.trunk(x))
-
-
 def _estimator(kind: str, C: float, seed: int):
     from sklearn.linear_model import LogisticRegression
     from sklearn.svm import LinearSVC
@@ -76,6 +66,29 @@ def _estimator(kind: str, C: float, seed: int):
 def cv_folds(y: np.ndarray) -> int:
     """min(3, smallest class count); below 2 there is no cross-validation."""
     return int(min(3, np.bincount(y).min()))
+
+
+def stratified_folds(y: np.ndarray, n_splits: int, seed: int) -> np.ndarray:
+    """(N,) test-fold number of every sample, as sklearn's StratifiedKFold(shuffle=True, random_state=seed).
+
+    The same assignment, sample for sample (tests hold it to sklearn), without importing
+    sklearn.model_selection (about 2 s). Each class is dealt round-robin over the sorted labels,
+    so fold sizes per class differ by at most one, and its fold numbers are shuffled in place.
+    """
+    y = np.asarray(y)
+    _, first, inverse = np.unique(y, return_index=True, return_inverse=True)
+    _, order_of_appearance = np.unique(first, return_inverse=True)
+    encoded = order_of_appearance[inverse.reshape(-1)]  # 0 = the first label seen in y, as sklearn
+    n_classes = len(first)
+    ordered = np.sort(encoded)
+    allocation = np.asarray([np.bincount(ordered[i::n_splits], minlength=n_classes) for i in range(n_splits)])
+    rng = np.random.RandomState(seed)  # sklearn's check_random_state(int)
+    test_fold = np.empty(len(y), dtype=np.int64)
+    for k in range(n_classes):
+        folds_for_class = np.arange(n_splits).repeat(allocation[:, k])
+        rng.shuffle(folds_for_class)
+        test_fold[encoded == k] = folds_for_class
+    return test_fold
 
 
 def _targets(y: np.ndarray, n_classes: int, rows: int, signed: bool) -> np.ndarray:
@@ -109,16 +122,19 @@ def _svm_loss(z: np.ndarray, t: np.ndarray) -> tuple[float, np.ndarray]:
     return float((slack * slack).sum() / len(z)), -2.0 * t * slack / len(z)
 
 
+Solution = tuple[np.ndarray, np.ndarray]  # coef (K', d) float32, intercept (K',) float32
+
+
 def _lbfgs(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
     n_classes: int,
     C: float,
-    init: tuple[torch.Tensor, torch.Tensor] | None,
+    init: Solution | None,
     kind: str,
     max_iter: int,
     tol: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Solution:
     """Minimize mean loss + ||W||^2 / (2 C n) (+ b^2 / (2 C n) for the SVM) with scipy's L-BFGS-B.
 
     The objective and its analytic gradient are float32 matmuls; scipy runs L-BFGS-B with
@@ -128,10 +144,10 @@ def _lbfgs(
     """
     from scipy.optimize import minimize
 
-    xn = x.numpy().astype(np.float32, copy=False)  # (n, d)
+    xn = np.asarray(x, dtype=np.float32)  # (n, d)
     n, d = xn.shape
     rows = 1 if n_classes == 2 else n_classes
-    t = _targets(y.numpy(), n_classes, rows, signed=kind == "svm")
+    t = _targets(np.asarray(y), n_classes, rows, signed=kind == "svm")
     loss_fn = _svm_loss if kind == "svm" else _logreg_loss
     # liblinear (LinearSVC) penalizes the intercept like a weight; sklearn's logistic lbfgs does not.
     reg_b = 1.0 if kind == "svm" else 0.0
@@ -151,7 +167,7 @@ def _lbfgs(
     if init is None:
         theta0 = np.zeros(rows * d + rows)
     else:
-        theta0 = np.concatenate([init[0].numpy().ravel(), init[1].numpy().ravel()]).astype(np.float64)
+        theta0 = np.concatenate([init[0].ravel(), init[1].ravel()]).astype(np.float64)
     res = minimize(
         objective,
         theta0,
@@ -159,20 +175,18 @@ def _lbfgs(
         jac=True,
         options={"maxiter": max_iter, "maxls": 50, "gtol": tol, "ftol": 64 * np.finfo(float).eps},
     )
-    w = torch.from_numpy(res.x[: rows * d].reshape(rows, d).astype(np.float32))
-    b = torch.from_numpy(res.x[rows * d :].astype(np.float32))
-    return w, b
+    return res.x[: rows * d].reshape(rows, d).astype(np.float32), res.x[rows * d :].astype(np.float32)
 
 
 def logreg_lbfgs(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
     n_classes: int,
     C: float,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: Solution | None = None,
     max_iter: int = 500,
     tol: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Solution:
     """sklearn's L2 logistic regression on standardized x (n, d): returns coef (K', d), intercept (K',).
 
     K' = 1 for two classes (one logistic row, as sklearn), else K (softmax rows); the intercept
@@ -182,14 +196,14 @@ def logreg_lbfgs(
 
 
 def svm_lbfgs(
-    x: torch.Tensor,
-    y: torch.Tensor,
+    x: np.ndarray,
+    y: np.ndarray,
     n_classes: int,
     C: float,
-    init: tuple[torch.Tensor, torch.Tensor] | None = None,
+    init: Solution | None = None,
     max_iter: int = 1000,
     tol: float = 1e-5,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> Solution:
     """sklearn's LinearSVC (squared hinge, L2, one-vs-rest, intercept penalized like liblinear).
 
     Its primal 0.5 (||w||^2 + b^2) + C sum(max(0, 1 - y (w.x + b))^2), divided by C n, is smooth,
@@ -201,39 +215,53 @@ def svm_lbfgs(
 SOLVERS = {"logreg": logreg_lbfgs, "svm": svm_lbfgs}
 
 
-def _standardize(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _standardize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     mean = x.mean(0)
-    scale = x.std(0, unbiased=False)
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # sklearn: constant features keep scale 1
+    scale = x.std(0)
+    scale = np.where(scale > 0, scale, 1.0).astype(x.dtype)  # sklearn: constant features keep scale 1
     return (x - mean) / scale, mean, scale
 
 
-def _cv_lbfgs(
-    x: torch.Tensor, y: torch.Tensor, kind: str, c_grid, folds: int, seed: int
-) -> tuple[dict[float, float], dict[float, tuple[torch.Tensor, torch.Tensor]]]:
-    """Mean CV accuracy per C, and the fold-averaged solution per C (a warm start for the refit)."""
-    from sklearn.model_selection import StratifiedKFold
-
+def _fold_path(
+    x: np.ndarray, y: np.ndarray, train: np.ndarray, test: np.ndarray, kind: str, c_grid
+) -> dict[float, tuple[float, Solution]]:
+    """One CV fold: {C: (test accuracy, solution)} along the C path, warm-started from small C."""
     k = int(y.max()) + 1
-    correct = dict.fromkeys(c_grid, 0.0)
-    mean_sol: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
-    for tr, va in StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed).split(
-        x.numpy(), y.numpy()
-    ):
-        xtr, mean, scale = _standardize(x[tr])
-        xva = (x[va] - mean) / scale
-        init = None
-        for C in sorted(c_grid):  # warm start along the path: small C (strong penalty) first
-            # Ranking C needs accuracy, not a tight optimum: sklearn's own tolerance (1e-4) here.
-            w, b = SOLVERS[kind](xtr, y[tr], k, C, init, tol=1e-4)
-            init = (w, b)
-            z = xva @ w.T + b
-            pred = (z[:, 0] > 0).long() if z.shape[1] == 1 else z.argmax(1)
-            correct[C] += float((pred == y[va]).double().mean()) / folds
-            prev = mean_sol.get(C)
-            mean_sol[C] = (
-                (w / folds, b / folds) if prev is None else (prev[0] + w / folds, prev[1] + b / folds)
-            )
+    xtr, mean, scale = _standardize(x[train])
+    xva = (x[test] - mean) / scale
+    out: dict[float, tuple[float, Solution]] = {}
+    init = None
+    for C in sorted(c_grid):  # small C (strong penalty) first: each solution starts the next
+        # Ranking C needs accuracy, not a tight optimum: sklearn's own tolerance (1e-4) here.
+        w, b = SOLVERS[kind](xtr, y[train], k, C, init, tol=1e-4)
+        init = (w, b)
+        z = xva @ w.T + b  # (n_test, K')
+        pred = (z[:, 0] > 0).astype(np.int64) if z.shape[1] == 1 else z.argmax(1)
+        out[C] = (float((pred == y[test]).mean()), (w, b))
+    return out
+
+
+def _cv_lbfgs(
+    x: np.ndarray, y: np.ndarray, kind: str, c_grid, folds: int, seed: int, workers: int = 1
+) -> tuple[dict[float, float], dict[float, Solution]]:
+    """Mean CV accuracy per C, and the fold-averaged solution per C (a warm start for the refit).
+
+    Folds are independent, so `workers` threads fit them side by side (numpy's matmuls release
+    the GIL); results are combined in fold order, so they do not depend on `workers`.
+    """
+    test_fold = stratified_folds(y, folds, seed)
+    splits = [(np.flatnonzero(test_fold != f), np.flatnonzero(test_fold == f)) for f in range(folds)]
+    if workers > 1:
+        from concurrent.futures import ThreadPoolExecutor
+
+        with ThreadPoolExecutor(workers) as pool:
+            paths = list(pool.map(lambda s: _fold_path(x, y, s[0], s[1], kind, c_grid), splits))
+    else:
+        paths = [_fold_path(x, y, tr, te, kind, c_grid) for tr, te in splits]
+    correct = {C: sum(p[C][0] for p in paths) / folds for C in c_grid}
+    mean_sol = {
+        C: (sum(p[C][1][0] for p in paths) / folds, sum(p[C][1][1] for p in paths) / folds) for C in c_grid
+    }
     return correct, mean_sol
 
 
@@ -255,9 +283,6 @@ def fit_head(
         seed: for the fold assignment.
         solver: "lbfgs" (ours, the default) or "sklearn" (LogisticRegression / LinearSVC).
     """
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
     from threadpoolctl import threadpool_limits
 
     if kind not in HEADS:
@@ -267,9 +292,9 @@ def fit_head(
     folds = cv_folds(y)
     use_lbfgs = solver == "lbfgs"
     scores: dict[float, float] = {}
-    warm: dict[float, tuple[torch.Tensor, torch.Tensor]] = {}
+    warm: dict[float, Solution] = {}
     # float32 halves the work of every L-BFGS step; the features are float32 anyway.
-    xt, yt = torch.from_numpy(x.astype(np.float32)), torch.from_numpy(y.astype(np.int64))
+    xt, yt = x.astype(np.float32), y.astype(np.int64)
     # Small problems are latency-bound: extra BLAS/OpenMP threads only spin (measured: 0.25 s with
     # one thread vs 3.6 s with two on a busy 2-core machine, 320 x 64 features).
     small = x.shape[0] * x.shape[1] * max(2, int(y.max()) + 1) < 1e8
@@ -277,8 +302,14 @@ def fit_head(
         warnings.simplefilter("ignore")  # convergence chatter on tiny folds
         if folds >= 2 and len(c_grid) > 1:
             if use_lbfgs:
-                scores, warm = _cv_lbfgs(xt, yt, kind, c_grid, folds, seed)
+                # one BLAS thread per fold, folds side by side; big problems use BLAS threads instead
+                workers = min(folds, os.cpu_count() or 1) if small else 1
+                scores, warm = _cv_lbfgs(xt, yt, kind, c_grid, folds, seed, workers)
             else:
+                from sklearn.model_selection import StratifiedKFold, cross_val_score
+                from sklearn.pipeline import make_pipeline
+                from sklearn.preprocessing import StandardScaler
+
                 cv = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
                 for C in c_grid:
                     pipe = make_pipeline(StandardScaler(), _estimator(kind, C, seed))
@@ -288,11 +319,11 @@ def fit_head(
             folds = 0
             best = 1.0 if len(c_grid) != 1 else c_grid[0]
         if use_lbfgs:
-            xs, mean_t, scale_t = _standardize(xt)
-            w, b = SOLVERS[kind](xs, yt, int(y.max()) + 1, best, warm.get(best))
-            coef, intercept = w.numpy(), b.numpy()
-            mean, scale = mean_t.numpy(), scale_t.numpy()
+            xs, mean, scale = _standardize(xt)
+            coef, intercept = SOLVERS[kind](xs, yt, int(y.max()) + 1, best, warm.get(best))
         else:
+            from sklearn.preprocessing import StandardScaler
+
             scaler = StandardScaler().fit(x)
             est = _estimator(kind, best, seed).fit(scaler.transform(x), y)
             coef, intercept, mean, scale = est.coef_, est.intercept_, scaler.mean_, scaler.scale_
@@ -308,18 +339,17 @@ def fit_head(
     )
 
 
-def fold(head: FittedHead) -> nn.Linear:
-    """The head with its standardization folded in, as one float32 nn.Linear(D, K)."""
+def fold(head: FittedHead) -> Solution:
+    """The head with its standardization folded in: float32 (W (K, D), b (K,)), scores = x @ W.T + b.
+
+    `finetune.model.linear_layer(W, b)` makes it the saved model's nn.Linear.
+    """
     w = head.coef / head.scale[None, :]  # (K', D)
     b = head.intercept - w @ head.mean  # (K',)
     if w.shape[0] == 1:  # binary: one score row -> two symmetric rows
         w = np.concatenate([-w / 2, w / 2])
         b = np.concatenate([-b / 2, b / 2])
-    linear = nn.Linear(w.shape[1], w.shape[0])
-    with torch.no_grad():
-        linear.weight.copy_(torch.from_numpy(w).float())
-        linear.bias.copy_(torch.from_numpy(b).float())
-    return linear
+    return w.astype(np.float32), b.astype(np.float32)
 
 
 def scores_numpy(head: FittedHead, x: np.ndarray) -> np.ndarray:

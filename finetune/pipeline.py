@@ -4,8 +4,8 @@
     result.run_dir, result.metrics["val"]["accuracy"]
 
 A recipe's `method` picks the function that trains ("probe" or "finetune"); each returns an
-`Outcome` holding the same artifact — a `Classifier` (trunk + linear head) — so everything
-after training (saving, predict, evaluate, export) is shared.
+`Outcome` holding the same artifact — the tensors of a `model.Classifier` (trunk + linear head)
+— so everything after training (saving, predict, evaluate, export) is shared.
 """
 
 from __future__ import annotations
@@ -83,9 +83,9 @@ class RunContext:
 
 @dataclass
 class Outcome:
-    """What a method produced: the model and how to describe it."""
+    """What a method produced: the model's tensors and how to describe it."""
 
-    model: Any  # heads.Classifier
+    tensors: dict  # the Classifier's state dict ("trunk.*", "head.weight", "head.bias"): torch or numpy
     tap: str
     head_kind: str
     metrics: dict
@@ -103,11 +103,19 @@ class RunResult:
     main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
 
 
-def _methods() -> dict[str, Callable[[RunContext], Outcome]]:
+def _probe(ctx: RunContext) -> Outcome:
     from finetune.probe import run_probe
-    from finetune.train import run_finetune
 
-    return {"probe": run_probe, "finetune": run_finetune}
+    return run_probe(ctx)
+
+
+def _finetune(ctx: RunContext) -> Outcome:
+    from finetune.train import run_finetune  # torch and the training loop: only when training
+
+    return run_finetune(ctx)
+
+
+METHODS: dict[str, Callable[[RunContext], Outcome]] = {"probe": _probe, "finetune": _finetune}
 
 
 def resolve_strategy(opts: RunOptions, index: DatasetIndex, log: Callable[[str], None]) -> tuple[str, dict]:
@@ -122,13 +130,14 @@ def resolve_strategy(opts: RunOptions, index: DatasetIndex, log: Callable[[str],
 
 
 def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
-    """Train and evaluate one model as `opts` say; write and return its run folder."""
-    import torch
+    """Train and evaluate one model as `opts` say; write and return its run folder.
 
-    from finetune.backbones import build
-    from finetune.features import pick_device
+    torch is imported by whatever runs a network: a probe whose features and trunk are all in
+    the cache (a re-run) fits its head with numpy/scipy and writes the folder without it.
+    """
+    from finetune.backbones import open_backbone
+    from finetune.dist import shared_path, start_distributed, stop_distributed
     from finetune.runs import RunConfig, new_run_dir, save_run, versions, write_json
-    from finetune.train import shared_path, start_distributed, stop_distributed
 
     started = time.perf_counter()
     dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
@@ -144,9 +153,13 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     strategy, advice = resolve_strategy(opts, index, log)
     recipe = load_recipe(strategy, opts.recipe_file, opts.overrides)
-    torch.manual_seed(recipe.seed)
-    bb = build(
-        opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map
+    bb = open_backbone(
+        opts.backbone,
+        pretrained=opts.pretrained,
+        weights_file=opts.weights,
+        weights_map=opts.weights_map,
+        cards=opts.cache,
+        seed=recipe.seed,
     )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
@@ -156,7 +169,7 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
     else:
         run_dir = shared_path(new_run_dir(opts.out, opts.backbone, recipe.name) if dist.main else None, dist)
     ctx = RunContext(index, bb, pre, recipe, run_dir, opts, log)
-    outcome = _methods()[recipe.method](ctx)
+    outcome = METHODS[recipe.method](ctx)
     if not dist.main:
         stop_distributed()
         return RunResult(run_dir, outcome.metrics, index, None, dict(ctx.bad), main=False)
@@ -184,13 +197,9 @@ def run(opts: RunOptions, log: Callable[[str], None] = _stderr) -> RunResult:
         },
         versions=versions(),
         created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        extra={
-            **outcome.extra,
-            **({"advice": advice} if advice else {}),
-            "device": str(pick_device(opts.device)),
-        },
+        extra={**outcome.extra, **({"advice": advice} if advice else {})},
     )
-    save_run(run_dir, outcome.model, config)
+    save_run(run_dir, outcome.tensors, config)
     write_json(run_dir / "metrics.json", metrics)
     write_json(run_dir / "split.json", index.split_dict())
     report = index.report_dict()

@@ -1,8 +1,11 @@
-"""The probe method: frozen features -> scikit-learn head -> folded into the saved model.
+"""The probe method: frozen features -> linear head (sklearn's objective) -> folded into the saved model.
 
 `linear-probe` reads one tap (the pooled penultimate layer by default); `stage-probe`
 reads the pooled output of every stage, keeps the stage whose head does best on the
 validation split, and cuts the network there.
+
+Everything after the features is numpy: with every feature and the cut network's tensors in
+the cache (`features.py`), a re-run neither builds the network nor imports torch.
 """
 
 from __future__ import annotations
@@ -10,13 +13,11 @@ from __future__ import annotations
 import time
 
 import numpy as np
-import torch
 
-from finetune.anatomy import build_trunk
 from finetune.errors import DataError
 from finetune.evaluate import classification_metrics
-from finetune.features import Features, extract_taps, pick_device
-from finetune.heads import Classifier, FittedHead, fit_head, fold
+from finetune.features import Features, extract_taps, trunk_tensors
+from finetune.heads import FittedHead, fit_head, fold
 from finetune.pipeline import Outcome, RunContext
 
 
@@ -27,20 +28,22 @@ def _say_fit(ctx: RunContext, head: FittedHead) -> None:
         ctx.log(f"head: {head.kind}, C = {head.C:g} chosen by {head.n_folds}-fold cross-validation")
 
 
-@torch.inference_mode()
-def predict_features(linear: torch.nn.Linear, x: np.ndarray) -> np.ndarray:
-    """(N, K) scores of the folded head on features, as the saved model computes them."""
-    return linear(torch.from_numpy(x).float()).numpy()
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) scores, in float64."""
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
 
 
 def evaluate_split(
-    ctx: RunContext, feats: Features, split: str, linear: torch.nn.Linear, head_kind: str
+    ctx: RunContext, feats: Features, split: str, folded: tuple[np.ndarray, np.ndarray], head_kind: str
 ) -> tuple[dict, list[dict]]:
-    """Metrics and per-image predictions of the folded head on one split."""
+    """Metrics and per-image predictions of the folded head (W, b) on one split."""
     sub = feats.subset(ctx.positions(split))
-    scores = predict_features(linear, sub.x)
+    w, b = folded
+    scores = sub.x @ w.T + b  # (N, K) float32, what the saved nn.Linear computes
     if head_kind != "svm":
-        scores = torch.softmax(torch.from_numpy(scores), dim=1).numpy()
+        scores = softmax(scores)
     pred = scores.argmax(1)
     metrics = classification_metrics(sub.labels, pred, ctx.index.classes, scores)
     rows = [
@@ -68,7 +71,7 @@ def _extract_all(ctx: RunContext, tap: str, description: str) -> Features:
         ctx.preprocessing,
         batch_size=ctx.recipe.batch_size,
         workers=ctx.options.workers,
-        device=pick_device(ctx.options.device),
+        device=ctx.options.device,
         cache=ctx.options.cache,
         log=ctx.log,
         description=description,
@@ -93,16 +96,37 @@ def linear_probe(ctx: RunContext) -> Outcome:
     head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
     t2 = time.perf_counter()
     _say_fit(ctx, head)
-    linear = fold(head)
+    folded = fold(head)
     metrics: dict = {}
     predictions: list[dict] = []
     for split in ("val", "test"):
         if ctx.positions(split):
-            metrics[split], rows = evaluate_split(ctx, feats, split, linear, head.kind)
+            metrics[split], rows = evaluate_split(ctx, feats, split, folded, head.kind)
             predictions += rows
     metrics.update(head_and_timing(head, feats, (t0, t1, t2)))
-    trunk = build_trunk(ctx.backbone.model, recipe.layer, recipe.pool)
-    return Outcome(Classifier(trunk, linear), recipe.layer, head.kind, metrics, predictions)
+    return Outcome(
+        model_tensors(ctx, recipe.layer, folded),
+        recipe.layer,
+        head.kind,
+        metrics,
+        predictions,
+        ran_on(ctx, feats),
+    )
+
+
+def model_tensors(ctx: RunContext, tap: str, folded: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The saved Classifier's tensors: the network cut at `tap` (cached) and the folded head."""
+    trunk = trunk_tensors(ctx.backbone, tap, ctx.recipe.pool, ctx.preprocessing, cache=ctx.options.cache)
+    return {**trunk, "head.weight": folded[0], "head.bias": folded[1]}
+
+
+def ran_on(ctx: RunContext, feats: Features) -> dict:
+    """config.json's "device": where the network ran, or that it did not run at all."""
+    if feats.engine == "cache":
+        return {"device": "none (every feature from the cache)"}
+    from finetune.features import pick_device
+
+    return {"device": str(pick_device(ctx.options.device))}
 
 
 def head_and_timing(head: FittedHead, feats: Features, marks: tuple[float, float, float]) -> dict:

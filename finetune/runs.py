@@ -91,12 +91,22 @@ def _json_default(o: Any) -> Any:
 
 
 def save_tensors(path: str | os.PathLike, tensors: dict, metadata: dict[str, str] | None = None) -> None:
-    """safetensors, atomically. Tensors are made contiguous, detached, CPU and unshared first
-    (safetensors refuses channels_last and shared storage)."""
-    from safetensors.torch import save
+    """safetensors, atomically, from torch tensors or numpy arrays (the same file either way).
 
-    plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
-    blob = save(plain, metadata=metadata)
+    Torch tensors are made contiguous, detached, CPU and unshared first (safetensors refuses
+    channels_last and shared storage); all-numpy dicts are written without importing torch.
+    """
+    import numpy as np
+
+    if all(isinstance(v, np.ndarray) for v in tensors.values()):
+        from safetensors.numpy import save as save_numpy
+
+        blob = save_numpy({k: np.ascontiguousarray(v) for k, v in tensors.items()}, metadata=metadata)
+    else:
+        from safetensors.torch import save
+
+        plain = {k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}
+        blob = save(plain, metadata=metadata)
     atomic_write(path, lambda fh: fh.write(blob))
 
 
@@ -196,9 +206,9 @@ def new_run_dir(out: str | os.PathLike, backbone: str, strategy: str) -> Path:
     return path
 
 
-def save_run(run_dir: Path, model, config: RunConfig) -> None:
-    """model.safetensors + config.json (metrics and the rest are written by the caller)."""
-    save_tensors(run_dir / MODEL_FILE, model.state_dict(), metadata={"format": str(FORMAT_VERSION)})
+def save_run(run_dir: Path, tensors: dict, config: RunConfig) -> None:
+    """model.safetensors (the Classifier's state dict) + config.json; the caller writes the rest."""
+    save_tensors(run_dir / MODEL_FILE, tensors, metadata={"format": str(FORMAT_VERSION)})
     write_json(run_dir / CONFIG_FILE, config.to_dict())
 
 
@@ -242,7 +252,7 @@ def build_model(config: RunConfig):
 
     from finetune.anatomy import build_trunk, feature_dim
     from finetune.backbones import build, resolve
-    from finetune.heads import Classifier
+    from finetune.model import Classifier
 
     spec = resolve(config.backbone)
     bb = build(spec, pretrained=False)

@@ -10,19 +10,17 @@ cut at that stage plus the folded head — the same artifact as a linear probe, 
 
 from __future__ import annotations
 
-import copy
 import time
 
-from finetune.anatomy import build_trunk, taps
 from finetune.errors import DataError
-from finetune.features import Features, extract_taps, pick_device
-from finetune.heads import Classifier, fit_head, fold
+from finetune.features import Features, extract_taps
+from finetune.heads import fit_head, fold
 from finetune.pipeline import Outcome, RunContext
 
 
-def stage_taps(model) -> list[str]:
+def stage_taps(backbone) -> list[str]:
     """Stage outputs and the pooled top: what stage-probe compares (DeCAF's fc6/fc7 included)."""
-    return [t for t in taps(model) if t != "stem"]
+    return [t for t in backbone.tap_names if t != "stem"]
 
 
 def _table(rows: list[dict]) -> str:
@@ -35,10 +33,10 @@ def _table(rows: list[dict]) -> str:
 
 
 def stage_probe(ctx: RunContext) -> Outcome:
-    from finetune.probe import evaluate_split, head_and_timing
+    from finetune.probe import evaluate_split, head_and_timing, model_tensors, ran_on
 
     recipe, index = ctx.recipe, ctx.index
-    candidates = stage_taps(ctx.backbone.model)
+    candidates = stage_taps(ctx.backbone)
     t0 = time.perf_counter()
     feats = extract_taps(
         ctx.backbone,
@@ -49,7 +47,7 @@ def stage_probe(ctx: RunContext) -> Outcome:
         ctx.preprocessing,
         batch_size=recipe.batch_size,
         workers=ctx.options.workers,
-        device=pick_device(ctx.options.device),
+        device=ctx.options.device,
         cache=ctx.options.cache,
         log=ctx.log,
         description=f"features ({len(candidates)} stages)",
@@ -73,22 +71,22 @@ def stage_probe(ctx: RunContext) -> Outcome:
         f: Features = feats[tap]
         train = f.subset(ctx.positions("train"))
         head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
-        linear = fold(head)
-        acc, _ = evaluate_split(ctx, f, "val", linear, head.kind)
+        folded = fold(head)
+        acc, _ = evaluate_split(ctx, f, "val", folded, head.kind)
         rows.append({"stage": tap, "dim": int(train.x.shape[1]), "accuracy": acc["accuracy"], "C": head.C})
-        fitted[tap] = (head, linear)
+        fitted[tap] = (head, folded)
     t2 = time.perf_counter()
     best = max(rows, key=lambda r: r["accuracy"])["stage"]  # max keeps the first of equals: the earlier stage
     ctx.log("per-stage linear probe (validation accuracy):\n" + _table(rows))
     ctx.log(f"keeping {best}: the network is cut there")
 
-    head, linear = fitted[best]
-    trunk = build_trunk(copy.deepcopy(ctx.backbone.model), best, recipe.pool)
+    head, folded = fitted[best]
     metrics: dict = {"stages": rows, "best_stage": best}
     predictions: list[dict] = []
     for split in ("val", "test"):
         if ctx.positions(split):
-            metrics[split], preds = evaluate_split(ctx, feats[best], split, linear, head.kind)
+            metrics[split], preds = evaluate_split(ctx, feats[best], split, folded, head.kind)
             predictions += preds
     metrics.update(head_and_timing(head, first, (t0, t1, t2)))
-    return Outcome(Classifier(trunk, linear), best, head.kind, metrics, predictions)
+    tensors = model_tensors(ctx, best, folded)
+    return Outcome(tensors, best, head.kind, metrics, predictions, ran_on(ctx, first))

@@ -35,7 +35,6 @@ meaning); a crashed decode worker is reported with the file it was reading.
 
 from __future__ import annotations
 
-import copy
 import csv
 import dataclasses
 import errno
@@ -57,10 +56,11 @@ from torch import nn
 
 from finetune.anatomy import build_trunk, feature_dim, stages
 from finetune.data import ImageDataset, default_workers, eval_transform, make_loader, train_transform
+from finetune.dist import Dist
 from finetune.errors import RunError, TrainingError
 from finetune.evaluate import classification_metrics
 from finetune.features import pick_device
-from finetune.heads import Classifier
+from finetune.model import Classifier
 from finetune.pipeline import Outcome, RunContext, RunOptions
 from finetune.progress import progress_bar
 from finetune.recipes import Recipe, frozen_names, param_groups
@@ -348,64 +348,6 @@ def _split_digest(ctx: RunContext) -> str:
 
 
 # --------------------------------------------------------------------------- distributed
-
-
-@dataclass(frozen=True)
-class Dist:
-    """Where this process stands under torchrun (world 1 without it)."""
-
-    world: int = 1
-    rank: int = 0
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @classmethod
-    def from_env(cls) -> Dist:
-        return cls(
-            int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("RANK", 0)),
-            int(os.environ.get("LOCAL_RANK", 0)),
-        )
-
-
-def start_distributed(device: str = "auto") -> Dist:
-    """Under torchrun, join the process group (nccl on CUDA, gloo on CPU); without it, world 1.
-
-    Only rank 0 prints progress bars; the caller silences the other ranks' logs.
-    """
-    d = Dist.from_env()
-    if d.world == 1 or torch.distributed.is_initialized():
-        return d
-    cuda = torch.cuda.is_available() and not device.startswith(("cpu", "mps"))
-    if cuda:
-        torch.cuda.set_device(d.local_rank)
-    torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    if not d.main:
-        os.environ["FINETUNE_PROGRESS"] = "0"
-    return d
-
-
-def shared_path(path: Path | None, d: Dist) -> Path:
-    """Rank 0's `path` on every rank (the run folder is created once, by rank 0)."""
-    if d.world == 1:
-        return path
-    buf = torch.zeros(4096, dtype=torch.uint8)  # a tensor, not a pickled object: works on gloo and nccl
-    if d.main:
-        raw = os.fsencode(str(path))
-        buf[: len(raw)] = torch.tensor(list(raw), dtype=torch.uint8)
-    nccl = torch.distributed.get_backend() == "nccl"
-    buf = buf.to(torch.device("cuda", torch.cuda.current_device()) if nccl else "cpu")
-    torch.distributed.broadcast(buf, 0)
-    raw = bytes(buf.cpu().tolist()).rstrip(b"\0")
-    return Path(os.fsdecode(raw))
-
-
-def stop_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
 
 
 def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
@@ -949,14 +891,12 @@ def seed_head(ctx: RunContext, trunk: nn.Module, head: nn.Linear, device: torch.
     # folding divides by each feature's std, and features that barely vary on eval images get
     # weights in the hundreds; once fine-tuning moves them (BatchNorm batch statistics,
     # augmentation) the logits explode (measured: loss 150+ on digits). Raw-feature weights stay O(1).
-    x = torch.from_numpy(feats.x).float()
-    y = torch.from_numpy(feats.labels).long()
-    w, b = logreg_lbfgs(x, y, len(ctx.index.classes), fitted.C)
+    w, b = logreg_lbfgs(feats.x, feats.labels, len(ctx.index.classes), fitted.C)
     if w.shape[0] == 1:  # binary: sklearn's one logistic row -> two symmetric softmax rows
-        w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
+        w, b = np.concatenate([-w / 2, w / 2]), np.concatenate([-b / 2, b / 2])
     with torch.no_grad():
-        head.weight.copy_(w)
-        head.bias.copy_(b)
+        head.weight.copy_(torch.from_numpy(w))
+        head.bias.copy_(torch.from_numpy(b))
     ctx.log(f"head seeded by a linear probe (C = {fitted.C:g}) before fine-tuning")
     return {"C": fitted.C, "folds": fitted.n_folds}
 
@@ -980,6 +920,9 @@ def run_finetune(ctx: RunContext) -> Outcome:
     device = _device_for(opts, dist)
     trunk = build_trunk(ctx.backbone.model, "pool")
     dim = feature_dim(trunk, ctx.preprocessing.input_size)
+    # Seeded after the network is built (which may or may not draw random init numbers,
+    # depending on whether a backbone card deferred the build), so the new head is reproducible.
+    torch.manual_seed(recipe.seed)
     head = nn.Linear(dim, len(ctx.index.classes))
     probe = {}
     if not ctx.positions("train"):
@@ -1017,7 +960,8 @@ def run_finetune(ctx: RunContext) -> Outcome:
     if dist.main and st.history:
         save_curves(ctx.run_dir / CURVES_FILE, st.history)
     extra = {"probe_head": probe} if probe else {}
-    return Outcome(copy.deepcopy(model).cpu().eval(), "pool", "finetune", metrics, predictions, extra)
+    extra["device"] = str(device)
+    return Outcome(model.state_dict(), "pool", "finetune", metrics, predictions, extra)
 
 
 def _log_groups(ctx: RunContext, trainer: Trainer) -> None:

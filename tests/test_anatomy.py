@@ -11,7 +11,7 @@ from torch import nn
 from finetune import anatomy
 from finetune.backbones import ALIASES, build
 from finetune.errors import BackboneError
-from finetune.heads import Classifier
+from finetune.model import Classifier
 
 
 def _meta(name: str) -> nn.Module:

@@ -25,7 +25,7 @@ from finetune.backbones import build
 from finetune.cli import app
 from finetune.data import scan
 from finetune.errors import TrainingError
-from finetune.heads import Classifier
+from finetune.model import Classifier
 from finetune.pipeline import RunContext, RunOptions, run
 from finetune.recipes import load_recipe
 
