@@ -66,7 +66,7 @@ def median(xs: list[float]) -> float:
 def row(name: str, ours: float, ref: float, unit: str, better: str = "higher") -> str:
     ratio = ours / ref if ref else float("nan")
     # a tiny ratio reads better as its inverse: "0.003x" -> "(345x faster)"
-    speedup = f", {ref / ours:.0f}x faster" if better == "lower" and 0 < ours and ratio < 0.1 else ""
+    speedup = f", {ref / ours:.0f}x faster" if better == "lower" and ours > 0 and ratio < 0.1 else ""
     return (
         f"{name:<28} ours {ours:10.2f} {unit:<6} reference {ref:10.2f} {unit:<6} "
         f"ratio {ratio:6.3f}x ({better} is better{speedup})"
