@@ -365,7 +365,7 @@ def _refresh_report(run_dir: Path, log: Callable[[str], None]) -> None:
 
 def _write(ev: Evaluation, index, y_true, y_pred, confidence, class_names: list[str]) -> None:
     """evaluation.json, predictions.json and the figures, each written atomically into ev.out_dir."""
-    from finetune.report import confusion_svg, mistakes_svg, reliability_svg
+    from finetune.figures import confusion_svg, mistakes_svg, reliability_svg
     from finetune.runs import atomic_write, write_json
 
     out = ev.out_dir

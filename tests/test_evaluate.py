@@ -121,7 +121,7 @@ def test_confusion_svg_shows_sklearn_counts_and_blues_shades():
     from matplotlib import colormaps  # reference colours only: the report itself never imports matplotlib
     from sklearn.metrics import confusion_matrix
 
-    from finetune.report import confusion_svg
+    from finetune.figures import confusion_svg
 
     y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
     y_pred = [0, 1, 0, 1, 1, 2, 0, 2, 2, 1]
@@ -149,7 +149,7 @@ def test_confusion_svg_shows_sklearn_counts_and_blues_shades():
 def test_confusion_svg_layout_follows_the_number_of_classes():
     from matplotlib import colormaps
 
-    from finetune.report import confusion_svg
+    from finetune.figures import confusion_svg
 
     def figure(k: int) -> tuple[np.ndarray, ET.Element]:
         cm = np.random.default_rng(k).integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=np.int64)
@@ -175,7 +175,7 @@ def test_confusion_svg_layout_follows_the_number_of_classes():
 
 
 def test_reliability_svg_bars_are_the_bin_accuracies():
-    from finetune.report import reliability_svg
+    from finetune.figures import reliability_svg
 
     conf = [0.9, 0.9, 0.65, 0.3]  # the example of test_ece_by_hand
     correct = [True, False, True, False]

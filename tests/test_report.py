@@ -25,7 +25,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.report import confusion_svg, curves_figure, mistakes_svg, read_history, write_report
+from finetune.figures import confusion_svg, curves_figure, mistakes_svg, read_history
+from finetune.report import write_report
 from tests.conftest import invoke, write_images
 
 runner = CliRunner()
