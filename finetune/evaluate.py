@@ -242,20 +242,12 @@ def _feature_identity(config):
     Fine-tuned trunks have new weights that no cache key describes, so they get None (no cache,
     eager PyTorch), which is always correct.
     """
-    from finetune.backbones import Backbone, resolve
     from finetune.features import FeatureIdentity
-    from finetune.weights import WeightsInfo
 
-    if config.head_kind not in ("logreg", "svm") or not config.weights.get("sha256"):
+    if config.head_kind not in ("logreg", "svm"):
         return None
-    w = config.weights
-    bb = Backbone(
-        resolve(config.backbone),
-        None,
-        config.preprocessing,
-        WeightsInfo(w.get("source", "file"), w.get("path"), w.get("sha256")),
-    )
-    return FeatureIdentity.of(bb, config.tap, config.pool, config.preprocessing)
+    sha = config.weights.get("sha256")
+    return FeatureIdentity.of_parts(config.model, sha, config.tap, config.pool, config.preprocessing)
 
 
 def _scores(model, feats, probabilistic: bool) -> np.ndarray:

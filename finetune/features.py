@@ -89,17 +89,22 @@ class FeatureIdentity:
     @classmethod
     def of(cls, backbone, tap: str, pool: str, preprocessing: Preprocessing) -> FeatureIdentity | None:
         """None when the weights have no fingerprint (random init): such features are not cached."""
+        return cls.of_parts(backbone.spec.model, backbone.weights.sha256, tap, pool, preprocessing)
+
+    @classmethod
+    def of_parts(
+        cls, model: str, weights_sha256: str | None, tap: str, pool: str, preprocessing: Preprocessing
+    ) -> FeatureIdentity | None:
+        """The identity from its parts, e.g. a run's config.json (no network built)."""
+        from finetune.data import get_decoder
         from finetune.runs import versions
 
-        sha = backbone.weights.sha256
-        if not sha:
+        if not weights_sha256:
             return None
         v = versions()
         libs = tuple((k, v.get(k, "")) for k in ("torch", "torchvision", "timm", "pillow"))
         pre = tuple(sorted((k, json.dumps(val)) for k, val in preprocessing.to_dict().items()))
-        from finetune.data import get_decoder
-
-        return cls(backbone.spec.model, sha, tap, pool, pre, libs, get_decoder().name)
+        return cls(model, weights_sha256, tap, pool, pre, libs, get_decoder().name)
 
     @property
     def digest(self) -> str:
