@@ -339,12 +339,12 @@ def cache_info_cmd(
 
     Example: finetune cache info --json
     """
-    from finetune.features import cache_info
+    from finetune.features import cache_info, cache_parts
     from finetune.paths import cache_root
 
-    rows = cache_info()
+    rows, parts = cache_info(), cache_parts()
     if as_json:
-        _echo_json({"root": str(cache_root()), "sets": rows})
+        _echo_json({"root": str(cache_root()), "sets": rows, "other": parts})
         return
     typer.echo(f"cache: {cache_root()}")
     for r in rows:
@@ -354,11 +354,13 @@ def cache_info_cmd(
         )
     total = sum(r["bytes"] for r in rows)
     typer.echo(f"  {len(rows)} feature sets, {total / 2**20:.1f} MiB")
+    for p in parts.values():
+        typer.echo(f"  {p['files']} {p['what']}, {p['bytes'] / 2**20:.1f} MiB")
 
 
 @cache_app.command("clear")
 def cache_clear_cmd() -> None:
-    """Delete cached features and exported engines (they are rebuilt on demand).
+    """Delete cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
 
     Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
     """

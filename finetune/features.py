@@ -210,12 +210,30 @@ def cache_info(root: Path | None = None) -> list[dict]:
     return rows
 
 
+# What the cache holds besides features: {folder: what one file of it is}.
+CACHE_PARTS = {
+    "engines": "exported engines",
+    "trunks": "cut networks",
+    "backbones": "backbone cards",
+}
+
+
+def cache_parts(root: Path | None = None) -> dict[str, dict]:
+    """{folder: {"what", "files", "bytes"}} for the engines, cut networks and backbone cards."""
+    out = {}
+    for sub, what in CACHE_PARTS.items():
+        d = (root or cache_root()) / sub
+        files = [f for f in d.rglob("*") if f.is_file()] if d.is_dir() else []
+        out[sub] = {"what": what, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+    return out
+
+
 def cache_clear(root: Path | None = None) -> int:
     """Remove cached features, exported engines, cut networks and backbone cards; returns bytes freed."""
     import shutil
 
     freed = 0
-    for sub in ("features", "engines", "trunks", "backbones"):
+    for sub in ("features", *CACHE_PARTS):
         d = (root or cache_root()) / sub
         if d.is_dir():
             freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())

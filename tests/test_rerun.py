@@ -49,7 +49,9 @@ def _run(args: list, cache: Path) -> tuple[list[str], str]:
 
 
 @pytest.mark.parametrize("strategy", ["linear-probe", "stage-probe"])
-def test_a_cached_rerun_writes_the_same_model_without_torch(make_folder, tiny_weights, tmp_path, strategy):
+def test_a_cached_rerun_writes_the_same_model_without_torch(
+    make_folder, tiny_weights, tmp_path, monkeypatch, strategy
+):
     data = make_folder({"a": 6, "b": 6, "c": 6}, size=40)
     out, cache = tmp_path / "runs", tmp_path / "cache"
     args = ["run", data, "--strategy", strategy, "--backbone", "test_efficientnet", "--weights", tiny_weights]
@@ -75,6 +77,11 @@ def test_a_cached_rerun_writes_the_same_model_without_torch(make_folder, tiny_we
     )
     assert json.loads((again / "config.json").read_text())["extra"]["device"].startswith("none")
     assert (again / "report.html").is_file()
+    monkeypatch.setenv("FINETUNE_CACHE", str(cache))
+    info = json.loads(invoke("cache", "info", "--json").stdout)
+    assert info["other"]["trunks"]["files"] == 1 and info["other"]["backbones"]["files"] == 1
+    n_taps = len(json.loads((first / "metrics.json").read_text()).get("stages", [None]))
+    assert len(info["sets"]) == n_taps  # one feature set per tap read
 
     # The model written without torch is an ordinary run: predict loads it and agrees with the first.
     img = next((data / "a").iterdir())
