@@ -18,6 +18,7 @@ Nothing here ever writes inside the data folder.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import math
 import os
 from collections import Counter
@@ -260,11 +261,16 @@ def scan(
     val_fraction: float = 0.2,
     seed: int = 0,
     labels_csv: str | os.PathLike | None = None,
+    for_training: bool = True,
 ) -> DatasetIndex:
     """Index an image folder (or a CSV of `path,label`), check every file's header, split it.
 
+    `for_training=False` indexes a folder to be judged, not learned from (`evaluate`): any
+    number of classes and images per class, every split folder kept as it is, nothing split.
+
     Raises:
-        DataError: missing folder, no images, fewer than two classes, a class with one image.
+        DataError: missing folder, no images; for training also fewer than two classes, a class
+            with one image, or classes in val/test that train lacks.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -292,6 +298,8 @@ def scan(
                     found.ignored.append(Problem(entry.name, "next to train/val folders: not used"))
         else:
             _scan_classes(root, root, "all", found)
+    if not for_training:
+        return _assemble_all(root, layout, found)
     return _assemble(root, layout, found, val_fraction, seed, has_val="val" in split_dirs)
 
 
@@ -320,6 +328,40 @@ def _scan_csv(csv_path: Path, root: Path, found: _Found) -> None:
         found.files.setdefault((split, label), []).append(path.relative_to(root).as_posix())
 
 
+def _index(root: Path, layout: str, found: _Found, class_names: list[str], **split_info) -> DatasetIndex:
+    """The DatasetIndex of `found`, files in (split, class, name) order; labels index `class_names`."""
+    label_of = {c: k for k, c in enumerate(class_names)}
+    paths: list[str] = []
+    labels: list[int] = []
+    splits: list[str] = []
+    for (split, cname), files in sorted(found.files.items()):
+        paths += files
+        labels += [label_of[cname]] * len(files)
+        splits += [split] * len(files)
+    return DatasetIndex(
+        root=root,
+        classes=tuple(class_names),
+        paths=tuple(paths),
+        labels=tuple(labels),
+        splits=tuple(splits),
+        layout=layout,
+        problems=tuple(found.problems),
+        ignored=tuple(found.ignored),
+        warnings=tuple(found.warnings),
+        **split_info,
+    )
+
+
+def _assemble_all(root: Path, layout: str, found: _Found) -> DatasetIndex:
+    """Every usable image, whatever its split folder, with no minimum per class (`for_training=False`)."""
+    class_names = sorted({c for (_, c) in found.files})
+    if not class_names:
+        raise DataError(
+            f"no images found in {root}", f"put images in {root}/<class>/*.jpg (one folder per class)"
+        )
+    return _index(root, layout, found, class_names)
+
+
 def _assemble(
     root: Path, layout: str, found: _Found, val_fraction: float, seed: int, has_val: bool
 ) -> DatasetIndex:
@@ -341,42 +383,22 @@ def _assemble(
             f"classes {', '.join(stray)} appear in val/test but not in train",
             "add training images for them or remove them from val/test",
         )
-    label_of = {c: k for k, c in enumerate(class_names)}
-    paths: list[str] = []
-    labels: list[int] = []
-    splits: list[str] = []
-    for (split, cname), files in sorted(found.files.items()):
-        paths += files
-        labels += [label_of[cname]] * len(files)
-        splits += [split] * len(files)
-
-    made_split = not has_val
-    if made_split:
-        pool = [i for i, s in enumerate(splits) if s in ("train", "all")]
-        counts = Counter(labels[i] for i in pool)
-        small = [class_names[k] for k in range(len(class_names)) if counts.get(k, 0) < 2]
-        if small:
-            raise DataError(
-                f"class {', '.join(small)} has fewer than 2 images",
-                "a class needs at least 2 (one to train on, one to validate); "
-                "add images or remove the folder",
-            )
-        sub = stratified_split([labels[i] for i in pool], val_fraction, seed)
-        for i, s in zip(pool, sub):
-            splits[i] = s
-    return DatasetIndex(
-        root=root,
-        classes=tuple(class_names),
-        paths=tuple(paths),
-        labels=tuple(labels),
-        splits=tuple(splits),
-        layout=layout,
-        problems=tuple(found.problems),
-        ignored=tuple(found.ignored),
-        warnings=tuple(found.warnings),
-        split_seed=seed if made_split else None,
-        val_fraction=val_fraction if made_split else None,
-    )
+    index = _index(root, layout, found, class_names)
+    if has_val:
+        return index
+    labels, splits = index.labels, list(index.splits)
+    pool = [i for i, s in enumerate(splits) if s in ("train", "all")]
+    counts = Counter(labels[i] for i in pool)
+    small = [class_names[k] for k in range(len(class_names)) if counts.get(k, 0) < 2]
+    if small:
+        raise DataError(
+            f"class {', '.join(small)} has fewer than 2 images",
+            "a class needs at least 2 (one to train on, one to validate); add images or remove the folder",
+        )
+    sub = stratified_split([labels[i] for i in pool], val_fraction, seed)
+    for i, s in zip(pool, sub, strict=True):
+        splits[i] = s
+    return dataclasses.replace(index, splits=tuple(splits), split_seed=seed, val_fraction=val_fraction)
 
 
 # --------------------------------------------------------------------------- transforms and loaders

@@ -285,7 +285,7 @@ def evaluate_run(
     from finetune.runs import load_run, read_config
 
     config = read_config(run_dir)
-    index = scan(data, labels_csv=labels_csv)  # its train/val split is ignored: every image is evaluated
+    index = scan(data, labels_csv=labels_csv, for_training=False)  # every image, any class count
     out_dir = Path(out) if out is not None else default_out(run_dir, index.root)
     _check_out(out_dir, index.root)
     run_classes = list(config.class_names)

@@ -392,3 +392,30 @@ def test_default_output_inside_data_is_refused(trained, tmp_path):
     before = tree_digest(hold)
     one_line_error(invoke("evaluate", inner, hold), "inside the data folder")
     assert tree_digest(hold) == before
+
+
+def test_evaluate_a_folder_with_one_class_of_one_image(trained, tmp_path):
+    """A held-out folder is judged, not learned from: one class, one image, is a valid question."""
+    run, _ = trained
+    hold = tmp_path / "one"
+    write_images(hold / "green", 1, 1, start=70)
+    before = tree_digest(hold)
+    res = invoke("evaluate", run, hold, "--json", "--out", tmp_path / "ev")
+    assert res.exit_code == 0, res.output
+    m = json.loads(res.stdout)["metrics"]
+    assert m["n"] == 1 and m["accuracy"] == 1.0  # the look the run learned as green
+    assert m["per_class"]["green"]["support"] == 1 and m["per_class"]["red"]["support"] == 0
+    assert tree_digest(hold) == before
+
+
+def test_scan_for_evaluation_keeps_every_image_and_split(tmp_path):
+    """for_training=False: no minimum per class, val/test folders kept, classes only in val allowed."""
+    from finetune.data import scan
+    from finetune.errors import DataError
+
+    write_images(tmp_path / "train" / "cat", 0, 1)
+    write_images(tmp_path / "val" / "dog", 1, 2)
+    index = scan(tmp_path, for_training=False)
+    assert index.classes == ("cat", "dog") and sorted(index.splits) == ["train", "val", "val"]
+    with pytest.raises(DataError, match="only one class"):  # training still refuses it
+        scan(tmp_path)
