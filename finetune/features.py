@@ -125,19 +125,29 @@ def file_key(path: Path) -> str:
 
 
 class FeatureCache:
-    """Append-only shards of features for one FeatureIdentity: `<digest>/<id>.npy` + `<id>.json` (keys)."""
+    """Append-only shards of features for one FeatureIdentity: `<digest>/<id>.npy` + `<id>.json` (keys).
+
+    Files that passed the header check but failed to decode are remembered too
+    (`<id>.failed.json`: {key: reason}): the failure belongs to those exact bytes (the key
+    changes with them), so a re-run of a messy folder skips them without running the network.
+    """
+
+    FAILED = ".failed.json"
 
     def __init__(self, identity: FeatureIdentity, root: Path | None = None) -> None:
         self.identity = identity
         self.dir = (root or cache_root()) / "features" / identity.digest
         self._index: dict[str, tuple[str, int]] | None = None
+        self._failed: dict[str, str] | None = None
 
     def _load_index(self) -> dict[str, tuple[str, int]]:
         if self._index is None:
             self._index = {}
             if self.dir.is_dir():
                 for meta in sorted(self.dir.glob("*.json")):
-                    if meta.name == "identity.json" or not meta.with_suffix(".npy").is_file():
+                    if meta.name == "identity.json" or meta.name.endswith(self.FAILED):
+                        continue
+                    if not meta.with_suffix(".npy").is_file():
                         continue
                     try:
                         keys = json.loads(meta.read_text())
@@ -167,17 +177,42 @@ class FeatureCache:
                 out[i] = vec
         return out
 
+    def failures(self, keys: Sequence[str]) -> dict[int, str]:
+        """{i: reason} for each keys[i] that failed to decode before."""
+        if self._failed is None:
+            self._failed = {}
+            for path in sorted(self.dir.glob(f"*{self.FAILED}")) if self.dir.is_dir() else []:
+                try:
+                    self._failed.update(json.loads(path.read_text()))
+                except (OSError, json.JSONDecodeError, TypeError, ValueError):
+                    continue  # a damaged record: those files are simply tried again
+        return {i: self._failed[k] for i, k in enumerate(keys) if k in self._failed}
+
+    def store_failures(self, reasons: dict[str, str]) -> None:
+        """Remember decode failures, {key: reason}."""
+        from finetune.runs import write_json
+
+        if reasons:
+            write_json(self.dir / f"{self._new_shard()}{self.FAILED}", reasons)
+            self.failures([])  # loaded, so the update below is not lost
+            self._failed.update(reasons)
+
+    def _new_shard(self) -> str:
+        from finetune.runs import write_json
+
+        self.dir.mkdir(parents=True, exist_ok=True)
+        ident = self.dir / "identity.json"
+        if not ident.exists():
+            write_json(ident, asdict(self.identity))
+        return f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+
     def store(self, keys: Sequence[str], x: np.ndarray) -> None:
         """Add one shard; the .npy is complete on disk before the .json that makes it visible."""
         from finetune.runs import atomic_write, write_json
 
         if not len(keys):
             return
-        self.dir.mkdir(parents=True, exist_ok=True)
-        ident = self.dir / "identity.json"
-        if not ident.exists():
-            write_json(ident, asdict(self.identity))
-        shard = f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
+        shard = self._new_shard()
         atomic_write(self.dir / f"{shard}.npy", lambda fh: np.save(fh, np.ascontiguousarray(x, np.float32)))
         write_json(self.dir / f"{shard}.json", list(keys))
         index = self._load_index()
@@ -195,7 +230,8 @@ def cache_info(root: Path | None = None) -> list[dict]:
                 ident = json.loads((d / "identity.json").read_text())
             except (OSError, json.JSONDecodeError):
                 ident = {}
-            keys = sum(len(json.loads(m.read_text())) for m in d.glob("*.json") if m.name != "identity.json")
+            shards = [m for m in d.glob("*.json") if m.with_suffix(".npy").is_file()]
+            keys = sum(len(json.loads(m.read_text())) for m in shards)
             size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
             rows.append(
                 {
@@ -489,12 +525,19 @@ def _extract_outputs(
     stores = {t: FeatureCache(i) for t, i in zip(names, idents)} if use_cache else {}
     keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []
     found = {t: stores[t].lookup(keys) for t in names} if use_cache else {t: {} for t in names}
-    todo = [p for i, p in enumerate(positions) if any(i not in found[t] for t in names)]
+    failed = {t: stores[t].failures(keys) for t in names} if use_cache else {t: {} for t in names}
+    todo = [
+        p for i, p in enumerate(positions) if any(i not in found[t] and i not in failed[t] for t in names)
+    ]
+    pending = set(todo)
+    # known failures of the files not tried again, as the extraction would report them
+    bad: dict[int, str] = {
+        positions[i]: why for t in names for i, why in failed[t].items() if positions[i] not in pending
+    }
 
     rows: dict[str, dict[int, np.ndarray]] = {
         t: {positions[i]: v for i, v in found[t].items()} for t in names
     }
-    bad: dict[int, str] = {}
     engine_name, shapes = "cache", None
     if todo:
         from finetune.anatomy import Concatenated
@@ -510,12 +553,18 @@ def _extract_outputs(
         engine_name = engine.name
         workers = default_workers() if workers is None else workers
         mine, world = _shard(todo)
-        x_new, p_new, bad = _run_engine(engine, index, mine, preprocessing, batch_size, workers, description)
+        x_new, p_new, new_bad = _run_engine(
+            engine, index, mine, preprocessing, batch_size, workers, description
+        )
         if world > 1:
-            x_new, p_new, bad = _gather(x_new, p_new, bad)
+            x_new, p_new, new_bad = _gather(x_new, p_new, new_bad)
             use_cache = use_cache and _rank() == 0  # every rank has every row; one writes the cache
+        bad.update(new_bad)
         bounds = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
         key_of = dict(zip(positions, keys)) if use_cache else {}
+        if use_cache and new_bad:
+            for t in names:
+                stores[t].store_failures({key_of[p]: why for p, why in new_bad.items()})
         for k, t in enumerate(names):
             block = x_new[:, bounds[k] : bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
             missing = [r for r, p in enumerate(p_new) if int(p) not in rows[t]]

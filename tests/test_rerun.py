@@ -139,3 +139,27 @@ def test_trunk_cache_holds_the_cut_network(tiny_weights, tmp_path, monkeypatch):
     for k, v in reference.items():
         np.testing.assert_array_equal(cached[f"trunk.{k}"], v.numpy())
     assert build_trunk(fresh.model, "pool", "avg") is fresh.model  # fresh's network was never cut
+
+
+def test_a_file_that_fails_to_decode_is_remembered(make_folder, tiny_weights, tmp_path):
+    """A truncated file (its header reads, its pixels do not) is skipped from the cache on a re-run,
+    said again, and retried once its bytes change."""
+    from tests.badfiles import _truncated_jpeg
+
+    data = make_folder({"a": 6, "b": 6}, size=40)
+    _truncated_jpeg(data / "a" / "broken.jpg")
+    out, cache = tmp_path / "runs", tmp_path / "cache"
+    args = ["run", data, "--backbone", "test_efficientnet", "--weights", tiny_weights, "--out", out]
+    args += ["--set", "image_size=48", "--workers", "0"]
+
+    heavy, log = _run(args, cache)
+    assert "torch" in heavy and "skipped a/broken.jpg: truncated" in log
+    heavy, log = _run(args, cache)
+    assert heavy == [], log  # the failure came from the cache: no network, no torch
+    assert "skipped a/broken.jpg: truncated" in log and "feature cache: 12 of 13 images reused" in log
+    skipped = json.loads((max(out.iterdir()) / "problems.json").read_text())["skipped"]
+    assert [r["path"] for r in skipped] == ["a/broken.jpg"]
+
+    (data / "a" / "broken.jpg").write_bytes((data / "a" / "img_000.png").read_bytes())  # repaired
+    heavy, log = _run(args, cache)
+    assert "torch" in heavy and "skipped" not in log  # new bytes, new key: decoded this time
