@@ -88,31 +88,39 @@ def imagenet_familiarity(
     device: str = "cpu",
     workers: int = 0,
     batch_size: int = 32,
+    cache: bool = True,
 ) -> tuple[float, int]:
-    """(1 - mean normalized entropy of the ImageNet softmax, images that decoded)."""
-    import torch
+    """(1 - mean normalized entropy of the ImageNet softmax, images that decoded).
 
-    from finetune.data import ImageDataset, eval_reader, make_loader
+    Each image's entropy is cached like a feature (keyed by the network and the file), so a
+    second `advise` or `run --strategy auto` on the same images neither builds the network nor
+    imports torch.
+    """
+    from finetune.features import FeatureIdentity, extract_lazy
 
-    model = backbone.model.eval().to(device)
-    dataset = ImageDataset(index, positions, read=eval_reader(backbone.preprocessing))
-    entropies: list[float] = []
-    with torch.inference_mode():
-        for x, _, _, _ in make_loader(dataset, batch_size, workers):
-            if x is None:
-                continue
-            logits = model(x.to(device))  # (B, 1000)
-            if logits.shape[-1] != 1000:
-                raise BackboneError(
-                    "this backbone has no ImageNet classifier to measure with",
-                    "run advise with an ImageNet-pretrained --backbone, e.g. lite0",
-                )
-            p = logits.float().softmax(dim=1)
-            ent = -(p * p.clamp_min(1e-12).log()).sum(dim=1) / np.log(logits.shape[-1])  # (B,) in [0, 1]
-            entropies += ent.cpu().tolist()
-    if not entropies:
+    def network():
+        from finetune.anatomy import ImageNetEntropy
+
+        return ImageNetEntropy(backbone.model)
+
+    ident = (
+        FeatureIdentity.of(backbone, "imagenet-entropy", "none", backbone.preprocessing) if cache else None
+    )
+    feats = extract_lazy(
+        network,
+        index,
+        positions,
+        backbone.preprocessing,
+        batch_size=batch_size,
+        workers=workers,
+        device=device,
+        description="ImageNet familiarity",
+        identity=ident,
+        cache=cache,
+    )
+    if len(feats.x) == 0:
         raise DataError("no sampled image could be read", "run `finetune check DATA` to see why")
-    return 1.0 - float(np.mean(entropies)), len(entropies)
+    return 1.0 - float(np.mean(feats.x[:, 0], dtype=np.float64)), len(feats.x)
 
 
 def advise(
@@ -125,13 +133,19 @@ def advise(
     data_threshold: int = DATA_THRESHOLD,
     familiarity_threshold: float = FAMILIARITY_THRESHOLD,
     log: Callable[[str], None] = _quiet,
+    cache: bool = True,
+    weights_file: str | None = None,
+    weights_map: str = "name",
 ) -> Advice:
-    """Measure the data and pick the cell. The backbone must carry ImageNet weights."""
-    from finetune.backbones import build
-    from finetune.data import default_workers
-    from finetune.features import pick_device
+    """Measure the data and pick the cell. The backbone must carry ImageNet weights.
 
-    bb = build(backbone)
+    `cache`: read and write the per-image familiarity in the feature cache (and the backbone card).
+    `weights_file`, `weights_map`: as `run --weights`, so auto measures the network it will train.
+    """
+    from finetune.backbones import open_backbone
+    from finetune.data import default_workers
+
+    bb = open_backbone(backbone, weights_file=weights_file, weights_map=weights_map, cards=cache)
     if bb.weights.source == "random":
         raise BackboneError(
             f"{backbone} has no ImageNet weights here, so nothing transfers to measure",
@@ -145,8 +159,9 @@ def advise(
         bb,
         index,
         positions,
-        device=str(pick_device(device)),
+        device=device,
         workers=default_workers() if workers is None else workers,
+        cache=cache,
     )
     little, near = per_class < data_threshold, fam >= familiarity_threshold
     strategy = CELLS[(little, near)]

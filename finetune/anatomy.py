@@ -19,6 +19,7 @@ coarse `group_matcher`, and the `pool` tap.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -567,6 +568,23 @@ def feature_dim(trunk: nn.Module, input_size: int = 224) -> int:
     return int(out.shape[-1] if out.dim() == 2 else out.shape[1])
 
 
-def imagenet_logits(model: Any, x: torch.Tensor) -> torch.Tensor:
-    """(B, 1000) ImageNet logits of an unmodified backbone."""
-    return model(x)
+class ImageNetEntropy(nn.Module):
+    """An unmodified backbone's 1000-way ImageNet softmax, reduced to its entropy / log(1000).
+
+    images (B, 3, H, W) -> (B, 1) in [0, 1]: 0 is one confident class, 1 is uniform. `advise`
+    measures how familiar a dataset looks to the network with it (and caches it per image).
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.model(x)  # (B, 1000)
+        if logits.shape[-1] != 1000:
+            raise BackboneError(
+                "this backbone has no ImageNet classifier to measure with",
+                "run advise with an ImageNet-pretrained --backbone, e.g. lite0",
+            )
+        p = logits.float().softmax(dim=1)
+        return -(p * p.clamp_min(1e-12).log()).sum(dim=1, keepdim=True) / math.log(logits.shape[-1])

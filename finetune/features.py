@@ -480,10 +480,43 @@ def extract(
         identity: what the features depend on; None disables the cache (and the ONNX engine).
         cache: read and write the feature cache.
     """
-    from finetune.anatomy import OneTap
+    return extract_lazy(
+        lambda: trunk,
+        index,
+        positions,
+        preprocessing,
+        batch_size,
+        workers,
+        device,
+        description,
+        identity,
+        cache,
+        log,
+    )
+
+
+def extract_lazy(
+    build: Callable[[], nn.Module],
+    index: DatasetIndex,
+    positions: Sequence[int],
+    preprocessing: Preprocessing,
+    batch_size: int = 64,
+    workers: int | None = None,
+    device: str | torch.device = "cpu",
+    description: str = "extracting features",
+    identity: FeatureIdentity | None = None,
+    cache: bool = True,
+    log=None,
+) -> Features:
+    """`extract` for the network `build()` makes, called only when some image is not in the cache."""
+
+    def network() -> nn.Module:
+        from finetune.anatomy import OneTap
+
+        return OneTap(build())
 
     out = _extract_outputs(
-        lambda: OneTap(trunk),
+        network,
         ["x"],
         [identity],
         index,

@@ -124,7 +124,15 @@ def resolve_strategy(opts: RunOptions, index: DatasetIndex, log: Callable[[str],
         return opts.strategy, {}
     from finetune.advise import advise
 
-    advice = advise(index, backbone=opts.backbone, device=opts.device, workers=opts.workers)
+    advice = advise(
+        index,
+        backbone=opts.backbone,
+        device=opts.device,
+        workers=opts.workers,
+        cache=opts.cache,
+        weights_file=opts.weights,
+        weights_map=opts.weights_map,
+    )
     log(f"auto: {advice.strategy} — {advice.reason}")
     return advice.strategy, advice.to_dict()
 

@@ -48,7 +48,7 @@ def _run(args: list, cache: Path) -> tuple[list[str], str]:
     return json.loads(line[6:]), done.stdout + done.stderr
 
 
-@pytest.mark.parametrize("strategy", ["linear-probe", "stage-probe"])
+@pytest.mark.parametrize("strategy", ["linear-probe", "stage-probe", "auto"])
 def test_a_cached_rerun_writes_the_same_model_without_torch(
     make_folder, tiny_weights, tmp_path, monkeypatch, strategy
 ):
@@ -81,6 +81,7 @@ def test_a_cached_rerun_writes_the_same_model_without_torch(
     info = json.loads(invoke("cache", "info", "--json").stdout)
     assert info["other"]["trunks"]["files"] == 1 and info["other"]["backbones"]["files"] == 1
     n_taps = len(json.loads((first / "metrics.json").read_text()).get("stages", [None]))
+    n_taps += strategy == "auto"  # and the per-image ImageNet familiarity that advise measured
     assert len(info["sets"]) == n_taps  # one feature set per tap read
 
     # The model written without torch is an ordinary run: predict loads it and agrees with the first.
