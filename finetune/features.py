@@ -462,37 +462,13 @@ def extract_taps(
 
 
 def extract(
-    trunk: nn.Module,
-    index: DatasetIndex,
-    positions: Sequence[int],
-    preprocessing: Preprocessing,
-    batch_size: int = 64,
-    workers: int | None = None,
-    device: str | torch.device = "cpu",
-    description: str = "extracting features",
-    identity: FeatureIdentity | None = None,
-    cache: bool = True,
-    log=None,
+    trunk: nn.Module, index: DatasetIndex, positions: Sequence[int], preprocessing: Preprocessing, **kwargs
 ) -> Features:
     """Features of any frozen trunk (images (B, 3, H, W) -> (B, D)), e.g. a run's own.
 
-    Args:
-        identity: what the features depend on; None disables the cache (and the ONNX engine).
-        cache: read and write the feature cache.
+    Keyword arguments as `extract_lazy` (batch_size, workers, device, description, identity, cache, log).
     """
-    return extract_lazy(
-        lambda: trunk,
-        index,
-        positions,
-        preprocessing,
-        batch_size,
-        workers,
-        device,
-        description,
-        identity,
-        cache,
-        log,
-    )
+    return extract_lazy(lambda: trunk, index, positions, preprocessing, **kwargs)
 
 
 def extract_lazy(
@@ -508,7 +484,12 @@ def extract_lazy(
     cache: bool = True,
     log=None,
 ) -> Features:
-    """`extract` for the network `build()` makes, called only when some image is not in the cache."""
+    """Features of the frozen network `build()` makes, called only when some image is not cached.
+
+    Args:
+        identity: what the features depend on; None disables the cache (and the ONNX engine).
+        cache: read and write the feature cache.
+    """
 
     def network() -> nn.Module:
         from finetune.anatomy import OneTap

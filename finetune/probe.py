@@ -59,12 +59,12 @@ def evaluate_split(
     return metrics, rows
 
 
-def _extract_all(ctx: RunContext, tap: str, description: str) -> Features:
-    """Features of `tap` for every image of the index; decode failures recorded in ctx.bad."""
+def extract_all(ctx: RunContext, taps: list[str], description: str) -> dict[str, Features]:
+    """Features of `taps` for every image of the index, one pass; decode failures recorded in ctx.bad."""
     index = ctx.index
     feats = extract_taps(
         ctx.backbone,
-        [tap],
+        taps,
         ctx.recipe.pool,
         index,
         range(len(index.paths)),
@@ -75,11 +75,12 @@ def _extract_all(ctx: RunContext, tap: str, description: str) -> Features:
         cache=ctx.options.cache,
         log=ctx.log,
         description=description,
-    )[tap]
-    if feats.hits:
-        ctx.log(f"feature cache: {feats.hits} of {len(index.paths)} images reused")
-    ctx.bad.update(feats.bad)
-    for pos, reason in sorted(feats.bad.items()):
+    )
+    first = feats[taps[0]]  # every tap has the same images and failures
+    if first.hits:
+        ctx.log(f"feature cache: {first.hits} of {len(index.paths)} images reused")
+    ctx.bad.update(first.bad)
+    for pos, reason in sorted(first.bad.items()):
         ctx.log(f"skipped {index.paths[pos]}: {reason}")
     ctx.check_classes()
     return feats
@@ -88,7 +89,7 @@ def _extract_all(ctx: RunContext, tap: str, description: str) -> Features:
 def linear_probe(ctx: RunContext) -> Outcome:
     recipe = ctx.recipe
     t0 = time.perf_counter()
-    feats = _extract_all(ctx, recipe.layer, f"features ({recipe.layer})")
+    feats = extract_all(ctx, [recipe.layer], f"features ({recipe.layer})")[recipe.layer]
     t1 = time.perf_counter()
     train = feats.subset(ctx.positions("train"))
     if len(train.x) == 0:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import time
 
 from finetune.errors import DataError
-from finetune.features import Features, extract_taps
+from finetune.features import Features
 from finetune.heads import fit_head, fold
 from finetune.pipeline import Outcome, RunContext
 
@@ -33,33 +33,14 @@ def _table(rows: list[dict]) -> str:
 
 
 def stage_probe(ctx: RunContext) -> Outcome:
-    from finetune.probe import evaluate_split, head_and_timing, model_tensors, ran_on
+    from finetune.probe import evaluate_split, extract_all, head_and_timing, model_tensors, ran_on
 
-    recipe, index = ctx.recipe, ctx.index
+    recipe = ctx.recipe
     candidates = stage_taps(ctx.backbone)
     t0 = time.perf_counter()
-    feats = extract_taps(
-        ctx.backbone,
-        candidates,
-        recipe.pool,
-        index,
-        range(len(index.paths)),
-        ctx.preprocessing,
-        batch_size=recipe.batch_size,
-        workers=ctx.options.workers,
-        device=ctx.options.device,
-        cache=ctx.options.cache,
-        log=ctx.log,
-        description=f"features ({len(candidates)} stages)",
-    )
+    feats = extract_all(ctx, candidates, f"features ({len(candidates)} stages)")
     t1 = time.perf_counter()
     first = feats[candidates[0]]
-    if first.hits:
-        ctx.log(f"feature cache: {first.hits} of {len(index.paths)} images reused")
-    ctx.bad.update(first.bad)
-    for pos, reason in sorted(first.bad.items()):
-        ctx.log(f"skipped {index.paths[pos]}: {reason}")
-    ctx.check_classes()
     if not ctx.positions("val"):
         raise DataError(
             "stage-probe needs a validation split to choose a stage",
