@@ -35,6 +35,13 @@ TINY = ("image_size=32", "batch_size=4", "middle_stages=1")  # test_resnet: 5 st
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 
 
+def tiny_run_args(data, out, strategy: str, *overrides: str) -> list[str]:
+    """`finetune run` arguments for the tiny random test_resnet, TINY recipe settings + `overrides`."""
+    args = ["run", str(data), "--strategy", strategy, "--backbone", "test_resnet", "--no-pretrained"]
+    args += ["--workers", "0", "--out", str(out)]
+    return args + [a for kv in (*overrides, *TINY) for a in ("--set", kv)]
+
+
 def make_trainer(
     data: Path,
     tmp: Path,
@@ -279,22 +286,7 @@ def test_resume_mistakes_are_one_line(make_folder, tmp_path):
     out = tmp_path / "runs"
     done = runner.invoke(
         app,
-        [
-            "run",
-            str(data),
-            "--strategy",
-            "partial-finetune",
-            "--backbone",
-            "test_resnet",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--out",
-            str(out),
-            "--set",
-            "epochs=1",
-            *[a for kv in TINY for a in ("--set", kv)],
-        ],
+        tiny_run_args(data, out, "partial-finetune", "epochs=1"),
     )
     assert done.exit_code == 0, done.output
     run_dir = next(out.iterdir())
@@ -345,22 +337,7 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_folder, tmp_path):
         sys.executable,
         "-m",
         "finetune",
-        "run",
-        str(data),
-        "--strategy",
-        "partial-finetune",
-        "--backbone",
-        "test_resnet",
-        "--no-pretrained",
-        "--workers",
-        "0",
-        "--out",
-        str(out),
-        "--set",
-        "epochs=100000",
-        "--set",
-        'init_head="random"',
-        *[a for kv in TINY for a in ("--set", kv)],
+        *tiny_run_args(data, out, "partial-finetune", "epochs=100000", 'init_head="random"'),
     ]
     env = {**os.environ, "FINETUNE_PROGRESS": "0"}
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
@@ -440,24 +417,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(make_folder, tmp_
     monkeypatch.setattr(T, "save_checkpoint", save)
     res = runner.invoke(
         app,
-        [
-            "run",
-            str(data),
-            "--strategy",
-            "partial-finetune",
-            "--backbone",
-            "test_resnet",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--out",
-            str(out),
-            "--set",
-            "epochs=3",
-            "--set",
-            'init_head="random"',
-            *[a for kv in TINY for a in ("--set", kv)],
-        ],
+        tiny_run_args(data, out, "partial-finetune", "epochs=3", 'init_head="random"'),
     )
     monkeypatch.setattr(os, "fsync", real_fsync)
     assert res.exit_code == 2, res.output
@@ -477,28 +437,15 @@ def test_a_diverging_loss_stops_with_the_learning_rate_named(make_folder, tmp_pa
     data = make_folder({"red": 6, "blue": 6})
     res = runner.invoke(
         app,
-        [
-            "run",
-            str(data),
-            "--strategy",
+        tiny_run_args(
+            data,
+            tmp_path / "runs",
             "full-finetune",
-            "--backbone",
-            "test_resnet",
-            "--no-pretrained",
-            "--workers",
-            "0",
-            "--out",
-            str(tmp_path / "runs"),
-            "--set",
             "lr=1e30",
-            "--set",
             "grad_clip=0",
-            "--set",
             "warmup_epochs=0",
-            "--set",
             'init_head="random"',
-            *[a for kv in TINY for a in ("--set", kv)],
-        ],
+        ),
     )
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
