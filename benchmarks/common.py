@@ -20,7 +20,7 @@ REFERENCE = ROOT.parent / "shared" / "reference" / "naive_probe.py"
 
 
 def digits_folder() -> Path:
-    from finetune.demo import digits_folder as make
+    from finetune.app.demo import digits_folder as make
 
     return make()
 
@@ -30,7 +30,7 @@ def photo_folder(n: int = 600, seed: int = 0) -> Path:
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from finetune.paths import cache_root
+    from finetune.io import cache_root
 
     target = cache_root() / "datasets" / f"sample-crops-{n}"
     if (target / ".complete").exists():
@@ -77,7 +77,7 @@ def split_folder(source: Path, val_fraction: float = 0.2, seed: int = 0) -> Path
     """A train/ val/ copy of a class-folder dataset, so that both tools see the very same split."""
     import shutil
 
-    from finetune.data import scan
+    from finetune.data.index import scan
 
     target = source.with_name(source.name + "-split")
     if (target / ".complete").exists():

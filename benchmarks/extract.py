@@ -1,7 +1,7 @@
 """extract: our feature extraction on a real folder vs PyTorch's own forward on random tensors.
 
 Ours: decode + resize + forward of every image of a real folder (digits as PNG by default), through
-`finetune.features.extract_taps` with the cache off — exactly what `finetune run` does.
+`finetune.features.extract.extract_taps` with the cache off — exactly what `finetune run` does.
 Reference: the bare eager PyTorch forward, channels_last, inference mode, same model, same batch
 size, random tensors already in memory (no decoding at all). Goal: ratio >= 1.5.
 
@@ -37,10 +37,10 @@ def main() -> None:
     ap.add_argument("--images", type=int, default=640, help="images of the folder to extract")
     args = ap.parse_args()
 
-    from finetune.anatomy import build_trunk
-    from finetune.backbones import build
-    from finetune.data import scan
-    from finetune.features import extract_taps
+    from finetune.data.index import scan
+    from finetune.features.extract import extract_taps
+    from finetune.models.anatomy import build_trunk
+    from finetune.models.backbone import build
 
     folder = args.folder or digits_folder()
     bb = build("lite0")

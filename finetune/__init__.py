@@ -11,7 +11,7 @@ __all__ = ["load_run", "__version__"]
 
 
 def load_run(run_dir):
-    """(model, transform, class_names) of a run folder; see `finetune.runs.load_run`."""
-    from finetune.runs import load_run as _load_run
+    """(model, transform, class_names) of a run folder; see `finetune.app.runfolder.load_run`."""
+    from finetune.app.runfolder import load_run as _load_run
 
     return _load_run(run_dir)

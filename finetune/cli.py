@@ -12,7 +12,6 @@ commands, so `finetune --help` answers at once.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from enum import Enum
 from pathlib import Path
@@ -28,6 +27,7 @@ except ImportError:  # pragma: no cover
     from click import echo
     from click import exceptions as click_errors
 
+from finetune.console import printable, setup_logging
 from finetune.errors import FinetuneError
 
 
@@ -40,6 +40,7 @@ class _Group(TyperGroup):
     """Maps domain errors and usage errors to one line and exit code 2."""
 
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
+        setup_logging()
         try:
             rv = super().main(
                 args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
@@ -73,15 +74,6 @@ app = typer.Typer(
 
 def _echo_json(obj: Any) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
-
-
-def _log(msg: str) -> None:
-    typer.echo(_printable(msg), err=True)  # messages may quote file names that are not UTF-8
-
-
-def _printable(name: str) -> str:
-    """A file name any terminal can print: bytes that are not UTF-8 shown as \\xNN (never a crash)."""
-    return os.fsencode(name).decode("utf-8", "backslashreplace")
 
 
 class Head(str, Enum):
@@ -135,9 +127,9 @@ def run(
 
     Example: finetune run ./mydata --backbone vgg16 --strategy linear-probe
     """
-    from finetune.pipeline import RunOptions
-    from finetune.pipeline import run as run_pipeline
-    from finetune.report import print_run_summary
+    from finetune.app.pipeline import run as run_pipeline
+    from finetune.app.report import print_run_summary
+    from finetune.method import RunOptions
 
     overrides = list(set_ or [])
     if head is not None:
@@ -161,7 +153,7 @@ def run(
         compile=compile_,
         cache=not no_cache,
     )
-    result = run_pipeline(opts, log=_log)
+    result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
         print_run_summary(result)
 
@@ -185,7 +177,7 @@ def predict(
 
     Example: finetune predict img.jpg photos/ --top-k 3
     """
-    from finetune.predict import predict as predict_images
+    from finetune.app.predict import predict as predict_images
 
     result = predict_images(paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root)
     if as_json:
@@ -194,10 +186,10 @@ def predict(
     typer.echo(f"model: {result.source}")
     for row in result.rows:
         if "error" in row:
-            typer.echo(f"{_printable(row['path'])}: skipped ({row['error']})")
+            typer.echo(f"{printable(row['path'])}: skipped ({row['error']})")
             continue
         tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
-        typer.echo(f"{_printable(row['path'])}: {tops}")
+        typer.echo(f"{printable(row['path'])}: {tops}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -211,9 +203,9 @@ def demo(
 
     Example: finetune demo
     """
-    from finetune.demo import run_demo
+    from finetune.app.demo import run_demo
 
-    run_demo(out=out, log=_log, echo=typer.echo)
+    run_demo(out=out, echo=typer.echo)
 
 
 # --------------------------------------------------------------------------- DeCAF: features and probes
@@ -262,7 +254,7 @@ def extract_features(
 
     Example: finetune extract-features ./mydata --backbone alexnet --layer fc6 --layer fc7 -o feats.npz
     """
-    from finetune.decaf import ExtractOptions, extract_to_file
+    from finetune.probe.decaf import ExtractOptions, extract_to_file
 
     opts = ExtractOptions(
         data=data,
@@ -280,7 +272,7 @@ def extract_features(
         seed=seed,
         labels_csv=labels,
     )
-    s = extract_to_file(opts, log=_log)
+    s = extract_to_file(opts)
     if not s.main:  # under torchrun only rank 0 reports
         return
     shapes = ", ".join(f"{t} {'x'.join(map(str, shape))}" for t, shape in s.shapes.items())
@@ -309,7 +301,7 @@ def probe(
 
     Example: finetune probe feats.npz --head svm --repeats 5
     """
-    from finetune.decaf import probe_file
+    from finetune.probe.decaf import probe_file
 
     heads = [h.value for h in head] if head else ["logreg", "svm"]
     table = probe_file(
@@ -319,7 +311,6 @@ def probe(
         repeats=repeats,
         val_fraction=val_fraction,
         seed=seed,
-        progress=_log,
     )
     if as_json:
         _echo_json(table.to_dict())
@@ -339,8 +330,8 @@ def cache_info_cmd(
 
     Example: finetune cache info --json
     """
-    from finetune.features import cache_info, cache_parts
-    from finetune.paths import cache_root
+    from finetune.features.cache import cache_info, cache_parts
+    from finetune.io import cache_root
 
     rows, parts = cache_info(), cache_parts()
     if as_json:
@@ -364,7 +355,7 @@ def cache_clear_cmd() -> None:
 
     Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
     """
-    from finetune.features import cache_clear
+    from finetune.features.cache import cache_clear
 
     freed = cache_clear()
     typer.echo(f"freed {freed / 2**20:.1f} MiB")
@@ -388,8 +379,8 @@ def evaluate(
 
     Example: finetune evaluate runs/20260101-120000-lite0-linear-probe ./holdout --out eval/
     """
-    from finetune.evaluate import evaluate_run
-    from finetune.report import print_evaluation
+    from finetune.app.evaluate import evaluate_run
+    from finetune.app.report import print_evaluation
 
     ev = evaluate_run(
         run_dir,
@@ -399,7 +390,6 @@ def evaluate(
         workers=workers,
         labels_csv=labels,
         batch_size=batch_size,
-        log=_log,
     )
     if as_json:
         _echo_json(ev.to_dict())
@@ -431,7 +421,7 @@ def summary(
 
     Example: finetune summary tv:alexnet --input-size 227; finetune summary --compare alexnet vgg16 resnet50
     """
-    from finetune import summary as lib
+    from finetune.models import summary as lib
 
     if len(backbones) > 1 and not compare:
         raise typer.BadParameter("several backbones need --compare", param_hint="BACKBONES")
@@ -465,7 +455,7 @@ def check(
 
     Example: finetune check ./mydata
     """
-    from finetune.doctor import check as check_data
+    from finetune.app.doctor import check as check_data
 
     report = check_data(
         data,
@@ -499,13 +489,11 @@ def advise(
 
     Example: finetune advise ./mydata
     """
-    from finetune.advise import advise as advise_data
-    from finetune.advise import format_advice
-    from finetune.data import scan
+    from finetune.app.advise import advise as advise_data
+    from finetune.app.advise import format_advice
+    from finetune.data.index import scan
 
-    advice = advise_data(
-        scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample, log=_log
-    )
+    advice = advise_data(scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample)
     typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
 
 
@@ -531,8 +519,8 @@ def compare(
 
     Example: finetune compare ./mydata -s linear-probe -s stage-probe --set image_size=128
     """
-    from finetune.compare import CompareOptions, format_rows
-    from finetune.compare import compare as compare_strategies
+    from finetune.app.compare import CompareOptions, format_rows
+    from finetune.app.compare import compare as compare_strategies
     from finetune.recipes import STRATEGIES
 
     opts = CompareOptions(
@@ -545,7 +533,7 @@ def compare(
         seed=seed,
         device=device,
     )
-    rows, plot = compare_strategies(opts, log=_log)
+    rows, plot = compare_strategies(opts)
     typer.echo(format_rows(rows))
     typer.echo(f"plot: {plot}")
 
@@ -569,7 +557,7 @@ def export(
 
     Example: finetune export runs/20261123-101500-lite0-linear-probe --format onnx
     """
-    from finetune.export import export_run
+    from finetune.app.export import export_run
 
     path = export_run(run_dir, fmt.value, out)
     typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
@@ -584,7 +572,7 @@ def runs_cmd(
 
     Example: finetune runs --runs runs
     """
-    from finetune.runs import list_runs
+    from finetune.app.runfolder import list_runs
 
     rows = list_runs(out)
     if as_json:
@@ -641,13 +629,12 @@ def backbones_cmd(
 
     Example: finetune backbones vgg16 --taps --stages
     """
-    from finetune.backbones import catalogue_text, describe
+    from finetune.models.describe import catalogue_text, describe
 
     typer.echo(catalogue_text() if name is None else describe(name, taps, stages, input_size))
 
 
 def main() -> None:
-    os.environ.setdefault("PYTHONWARNINGS", "ignore")
     app()
 
 

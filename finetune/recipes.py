@@ -17,6 +17,8 @@ import dataclasses
 import difflib
 import sys
 from dataclasses import dataclass, field
+from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +44,9 @@ CHOICES: dict[str, tuple[str, ...]] = {
 }
 
 
-def recipes_dir() -> Path:
-    """The packaged recipes: `recipes/` at the top of the source tree."""
-    return Path(__file__).resolve().parent.parent / "recipes"
+def recipes_dir() -> Traversable:
+    """The packaged recipes: `recipes/*.toml` of the repository, shipped as `finetune.recipe_files`."""
+    return resources.files("finetune.recipe_files")
 
 
 @dataclass(frozen=True)
@@ -81,7 +83,7 @@ class Recipe:
     lr_mult: LRMult = field(default_factory=LRMult)
     top_stages: int = 1
     middle_stages: int = 1
-    bn_policy: str = "eval"  # frozen layers' BatchNorm: running statistics kept ("eval") or updated
+    bn_policy: str = "frozen"  # every BatchNorm keeps ImageNet statistics, as the packaged recipes
     augment: bool = True
     augment_scale: float = 0.35  # smallest area fraction of the random-resized crop
     label_smoothing: float = 0.0
@@ -247,7 +249,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_toml(path: Path | Traversable) -> dict[str, Any]:
     try:
         return tomllib.loads(path.read_text(encoding="utf-8"))
     except tomllib.TOMLDecodeError as err:
@@ -257,7 +259,7 @@ def read_toml(path: Path) -> dict[str, Any]:
 
 
 def list_recipes() -> list[str]:
-    return sorted(p.stem for p in recipes_dir().glob("*.toml"))
+    return sorted(f.name[: -len(".toml")] for f in recipes_dir().iterdir() if f.name.endswith(".toml"))
 
 
 def load_recipe(
@@ -276,7 +278,7 @@ def load_recipe(
             hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(known)}, or auto"
             raise RecipeError(f"unknown strategy {strategy!r}", hint)
     raw = apply_overrides(read_toml(path), list(overrides))
-    raw.setdefault("name", path.stem)
+    raw.setdefault("name", path.name.removesuffix(".toml"))
     return recipe_from_dict(raw)
 
 
@@ -295,56 +297,6 @@ def stage_roles(n_stages: int, recipe: Recipe) -> list[str]:
     top = min(recipe.top_stages, n_stages)
     middle = min(recipe.middle_stages, n_stages - top)
     return ["bottom"] * (n_stages - top - middle) + ["middle"] * middle + ["top"] * top
-
-
-def frozen_names(stages: list, recipe: Recipe) -> list[str]:
-    """Names of the trunk parameters whose stage has multiplier 0: they never get a gradient."""
-    mult = dataclasses.asdict(recipe.lr_mult)
-    roles = stage_roles(len(stages), recipe)
-    pairs = zip(stages, roles, strict=True)
-    return [name for stage, role in pairs if mult[role] == 0 for name in stage.params]
-
-
-def param_groups(stages: list, recipe: Recipe, named_params: dict[str, Any], head_params: list) -> list[dict]:
-    """Optimizer parameter groups: the layer-wise learning rates of a recipe, as one pure function.
-
-    The head learns at `recipe.lr * lr_mult.head`; each stage group (top, middle, bottom, see
-    `stage_roles`) at `recipe.lr * lr_mult.<role>`. Groups with multiplier 0 (frozen) or no
-    parameters are left out, so frozen parameters never reach the optimizer. Nothing is
-    modified: the caller sets `requires_grad=False` on `frozen_names(stages, recipe)`.
-
-    Args:
-        stages: the trunk's stages, bottom -> top (`anatomy.stages(trunk)`); every name in
-            `named_params` must belong to exactly one stage.
-        recipe: lr, weight_decay, top_stages, middle_stages, lr_mult.
-        named_params: `dict(trunk.named_parameters())`.
-        head_params: the new head's parameters.
-
-    Returns:
-        Dicts for `torch.optim` with keys params, lr, weight_decay, name ("head", "top",
-        "middle", "bottom") and lr_mult, head first, then top -> bottom.
-    """
-    covered = [n for s in stages for n in s.params]
-    missing = sorted(set(named_params) - set(covered))
-    if missing or len(covered) != len(set(covered)):
-        raise ValueError(f"stages must cover every trunk parameter once; not covered: {missing[:5]}")
-    mult = dataclasses.asdict(recipe.lr_mult)
-    by_role: dict[str, list] = {role: [] for role in ROLES}
-    for stage, role in zip(stages, stage_roles(len(stages), recipe), strict=True):
-        by_role[role] += [named_params[n] for n in stage.params]
-    groups = []
-    for role, params in [("head", list(head_params))] + [(r, by_role[r]) for r in reversed(ROLES)]:
-        if params and mult[role] > 0:
-            groups.append(
-                {
-                    "params": params,
-                    "lr": recipe.lr * mult[role],
-                    "weight_decay": recipe.weight_decay,
-                    "name": role,
-                    "lr_mult": mult[role],
-                }
-            )
-    return groups
 
 
 def packaged_recipes() -> list[Recipe]:

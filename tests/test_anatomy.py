@@ -8,10 +8,11 @@ import pytest
 import torch
 from torch import nn
 
-from finetune import anatomy
-from finetune.backbones import ALIASES, build
 from finetune.errors import BackboneError
-from finetune.model import Classifier
+from finetune.models import anatomy
+from finetune.models.backbone import build
+from finetune.models.catalogue import ALIASES
+from finetune.models.classifier import Classifier
 
 
 def _meta(name: str) -> nn.Module:

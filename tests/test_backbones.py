@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from finetune.backbones import ALIASES, build, resolve, weights_status
 from finetune.cli import app
 from finetune.errors import BackboneError, WeightsError
+from finetune.models.backbone import build, weights_status
+from finetune.models.catalogue import ALIASES, resolve
 
 runner = CliRunner()
 

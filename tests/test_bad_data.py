@@ -19,10 +19,11 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
+from finetune.app.doctor import check
 from finetune.cli import app
-from finetune.data import DECODERS, Preprocessing, scan
-from finetune.doctor import check
-from finetune.images import ImageError, is_image_name
+from finetune.data.decode import DECODERS, ImageError, is_image_name
+from finetune.data.index import scan
+from finetune.data.transforms import Preprocessing, eval_reader
 from tests.badfiles import CATALOGUE, IGNORED, SILENT, SKIPPED, USED, WARNED, build_mixed_folder, good_paths
 from tests.conftest import write_images
 
@@ -83,7 +84,7 @@ def test_case_has_its_outcome(case, decoder, index, mixed):
 def test_every_used_case_becomes_a_model_input(decoder, index):
     """1x1, 3000x3, 16-bit, palette...: the full eval transform gives a finite (3, 32, 32) tensor."""
     pre = Preprocessing(32, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")
-    read = DECODERS[decoder].eval_reader(pre)
+    read = eval_reader(pre, decoder)
     for case in CATALOGUE:
         if case.outcome == USED:
             x = read(index.root / case.path)

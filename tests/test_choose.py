@@ -61,8 +61,8 @@ def three_sets(tmp_path_factory):
 
 
 def test_advise_puts_photos_and_digits_or_textures_in_different_cells(three_sets):
-    from finetune.advise import advise
-    from finetune.data import scan
+    from finetune.app.advise import advise
+    from finetune.data.index import scan
 
     got = {name: advise(scan(folder), sample=24, workers=0) for name, folder in three_sets.items()}
     assert got["photos"].near_imagenet and got["photos"].strategy == "linear-probe", got["photos"]
@@ -74,9 +74,10 @@ def test_advise_puts_photos_and_digits_or_textures_in_different_cells(three_sets
 
 def test_familiarity_is_one_minus_the_normalized_entropy(three_sets):
     """Against a hand computation on the full model's ImageNet softmax."""
-    from finetune.advise import imagenet_familiarity
-    from finetune.backbones import build
-    from finetune.data import eval_reader, scan
+    from finetune.app.advise import imagenet_familiarity
+    from finetune.data.index import scan
+    from finetune.data.transforms import eval_reader
+    from finetune.models.backbone import build
 
     bb = build("lite0")
     index = scan(three_sets["photos"])
@@ -124,7 +125,7 @@ def a_run(tmp_path_factory):
 def test_export_onnx_runs_in_onnx_runtime_like_pytorch(a_run, tmp_path):
     ort = pytest.importorskip("onnxruntime")
     pytest.importorskip("onnxscript")
-    from finetune.runs import load_run
+    from finetune.app.runfolder import load_run
 
     out = tmp_path / "m.onnx"
     res = invoke("export", a_run, "--format", "onnx", "-o", out)
@@ -141,7 +142,7 @@ def test_export_onnx_runs_in_onnx_runtime_like_pytorch(a_run, tmp_path):
 
 
 def test_export_pt2_loads_with_torch_export(a_run, tmp_path):
-    from finetune.runs import load_run
+    from finetune.app.runfolder import load_run
 
     out = tmp_path / "m.pt2"
     assert invoke("export", a_run, "-f", "pt2", "-o", out).exit_code == 0
@@ -200,9 +201,9 @@ def test_compare_prints_one_row_per_strategy_and_a_plot(a_run, tmp_path):
 
 def test_compare_counts_what_each_recipe_trains(a_run, tmp_path):
     """Probe: its head only. Partial fine-tune: head + top + middle stages, by hand from the stages."""
-    from finetune.anatomy import build_trunk, stages
-    from finetune.backbones import build
-    from finetune.compare import CompareOptions, compare
+    from finetune.app.compare import CompareOptions, compare
+    from finetune.models.anatomy import build_trunk, stages
+    from finetune.models.backbone import build
     from finetune.recipes import load_recipe, stage_roles
 
     data = a_run.parent.parent / "data"
@@ -215,7 +216,6 @@ def test_compare_counts_what_each_recipe_trains(a_run, tmp_path):
             out=tmp_path / "cmp",
             workers=0,
         ),
-        log=lambda m: None,
     )
     trunk = build_trunk(build("lite0", pretrained=False).model, "pool")
     dim, k = 1280, 3

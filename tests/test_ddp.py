@@ -14,8 +14,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.app.pipeline import run
 from finetune.errors import TrainingError
-from finetune.pipeline import RunOptions, run
+from finetune.method import RunOptions
 from tests.conftest import torchrun
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,7 +36,6 @@ def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_pa
             overrides=(*COMMON, "batch_size=6", "lr=0.02"),
             out=tmp_path / "one",
         ),
-        log=lambda m: None,
     )
     out = tmp_path / "two"
     sets = [a for kv in (*COMMON, "batch_size=3", "lr=0.01") for a in ("--set", kv)]
@@ -68,14 +68,10 @@ def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_pa
 
 
 def test_a_class_balanced_sampler_is_refused_under_torchrun(make_folder, tmp_path):
-    import finetune.train as T
+    from finetune.runtime import Dist
     from tests.test_train import make_trainer
 
     data = make_folder({"red": 6, "blue": 6})
-    real = T.Dist
-    T.Dist = lambda: real(world=2, rank=0, local_rank=0)  # noqa: E731 - as torchrun would set it
-    try:
-        with pytest.raises(TrainingError, match="balance=weights"):
-            make_trainer(data, tmp_path, "partial-finetune", 'balance="sampler"')
-    finally:
-        T.Dist = real
+    two = Dist(world=2, rank=0, local_rank=0)  # as torchrun would set it
+    with pytest.raises(TrainingError, match="balance=weights"):
+        make_trainer(data, tmp_path, "partial-finetune", 'balance="sampler"', dist=two)

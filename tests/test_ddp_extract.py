@@ -6,7 +6,7 @@ import json
 
 import numpy as np
 
-from finetune.featfile import read_features
+from finetune.features.files import read_features
 from tests.conftest import invoke, torchrun
 
 

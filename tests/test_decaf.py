@@ -39,8 +39,9 @@ def _extract(data, out, weights_file, *layers, extra=()):
 @pytest.mark.parametrize("suffix", [".npz", ".safetensors"])
 def test_extract_features_equals_a_hand_written_hook(make_folder, tmp_path, weights_file, suffix):
     """One stage tap and the pooled top, against forward hooks on the same model and the same pixels."""
-    from finetune.data import eval_reader, scan
-    from finetune.featfile import read_features
+    from finetune.data.index import scan
+    from finetune.data.transforms import eval_reader
+    from finetune.features.files import read_features
 
     data = make_folder({"a": 4, "b": 3}, size=40)
     before = tree_digest(data)
@@ -67,7 +68,7 @@ def test_extract_features_equals_a_hand_written_hook(make_folder, tmp_path, weig
 
 
 def _preprocessing(name):
-    from finetune.backbones import build
+    from finetune.models.backbone import build
 
     return build(name, pretrained=False).preprocessing
 
@@ -93,7 +94,7 @@ def test_feature_files_load_without_pickle(make_folder, tmp_path, weights_file):
 
 
 def test_unpooled_taps_keep_their_maps(make_folder, tmp_path, weights_file):
-    from finetune.featfile import read_features
+    from finetune.features.files import read_features
 
     data = make_folder({"x": 2, "y": 2}, size=32)
     out = tmp_path / "maps.npz"
@@ -105,9 +106,9 @@ def test_unpooled_taps_keep_their_maps(make_folder, tmp_path, weights_file):
 
 def test_cache_reuses_rows_and_re_extracts_only_a_changed_image(make_folder, tmp_path):
     """Real packaged weights (the cache needs a weights fingerprint), small folder."""
-    from finetune.backbones import build
-    from finetune.data import scan
-    from finetune.features import extract_taps
+    from finetune.data.index import scan
+    from finetune.features.extract import extract_taps
+    from finetune.models.backbone import build
 
     data = make_folder({"a": 4, "b": 4}, size=32)
     bb = build("lite0")
@@ -133,8 +134,8 @@ def test_probe_table_matches_sklearn_on_the_same_splits():
     from sklearn.linear_model import LogisticRegression
     from sklearn.preprocessing import StandardScaler
 
-    from finetune.data import stratified_split
-    from finetune.decaf import probe_features
+    from finetune.data.index import stratified_split
+    from finetune.probe.decaf import probe_features
 
     digits = load_digits()
     x, y = digits.data[:400].astype(np.float32), digits.target[:400]
@@ -195,13 +196,13 @@ def test_stage_probe_keeps_the_best_stage_and_predict_uses_it(make_folder, tmp_p
     assert config["tap"] == metrics["best_stage"] == best["stage"]
     assert metrics["val"]["accuracy"] == pytest.approx(best["accuracy"])
 
-    from finetune.runs import load_run
+    from finetune.app.runfolder import load_run
 
     model, tf, classes = load_run(run_dir)
     n_params = sum(p.numel() for p in model.parameters())
     if best["stage"] != "pool":  # the network is cut: fewer parameters than the whole trunk
-        from finetune.anatomy import build_trunk
-        from finetune.backbones import build
+        from finetune.models.anatomy import build_trunk
+        from finetune.models.backbone import build
 
         full = build_trunk(build("lite0", pretrained=False).model, "pool")
         assert n_params < sum(p.numel() for p in full.parameters())

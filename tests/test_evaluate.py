@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from finetune.evaluate import (
+from finetune.metrics import (
     classification_metrics,
     expected_calibration_error,
     most_confident_mistakes,
@@ -121,7 +121,7 @@ def test_confusion_svg_shows_sklearn_counts_and_blues_shades():
     from matplotlib import colormaps  # reference colours only: the report itself never imports matplotlib
     from sklearn.metrics import confusion_matrix
 
-    from finetune.figures import confusion_svg
+    from finetune.app.figures import confusion_svg
 
     y_true = [0, 0, 0, 1, 1, 2, 2, 2, 2, 3]
     y_pred = [0, 1, 0, 1, 1, 2, 0, 2, 2, 1]
@@ -149,7 +149,7 @@ def test_confusion_svg_shows_sklearn_counts_and_blues_shades():
 def test_confusion_svg_layout_follows_the_number_of_classes():
     from matplotlib import colormaps
 
-    from finetune.figures import confusion_svg
+    from finetune.app.figures import confusion_svg
 
     def figure(k: int) -> tuple[np.ndarray, ET.Element]:
         cm = np.random.default_rng(k).integers(0, 5, (k, k)) + 20 * np.eye(k, dtype=np.int64)
@@ -175,7 +175,7 @@ def test_confusion_svg_layout_follows_the_number_of_classes():
 
 
 def test_reliability_svg_bars_are_the_bin_accuracies():
-    from finetune.figures import reliability_svg
+    from finetune.app.figures import reliability_svg
 
     conf = [0.9, 0.9, 0.65, 0.3]  # the example of test_ece_by_hand
     correct = [True, False, True, False]
@@ -410,7 +410,7 @@ def test_evaluate_a_folder_with_one_class_of_one_image(trained, tmp_path):
 
 def test_scan_for_evaluation_keeps_every_image_and_split(tmp_path):
     """for_training=False: no minimum per class, val/test folders kept, classes only in val allowed."""
-    from finetune.data import scan
+    from finetune.data.index import scan
     from finetune.errors import DataError
 
     write_images(tmp_path / "train" / "cat", 0, 1)

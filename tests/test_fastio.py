@@ -1,8 +1,9 @@
-"""The fast decoder against the reference Pillow preprocessing, on real images.
+"""The one preprocessing path (torchvision decode, tensor resize) against Pillow, on real images.
 
-Reference: `data.eval_transform(pre)(images.load_rgb(path))` (Pillow decode, PIL resize, crop,
-ToTensor, Normalize). Real images: crops of sklearn's two sample photos written as JPEG and
-PNG at many sizes and aspect ratios, and sklearn's handwritten digits as small gray PNGs.
+Reference, written here with torchvision's PIL transforms: Pillow decode (`load_rgb`), the same
+aspect guard, PIL resize, center crop, ToTensor, Normalize. Real images: crops of sklearn's two
+sample photos written as JPEG and PNG at many sizes and aspect ratios, and sklearn's handwritten
+digits as small gray PNGs.
 Goals (issue 8): mean |difference| <= 0.01 after normalization, and the default backbone's
 top-1 ImageNet class equal on >= 99% of the images.
 """
@@ -16,17 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune.data import (
-    DECODERS,
-    DatasetIndex,
-    ImageDataset,
-    Preprocessing,
-    eval_reader,
-    eval_transform,
-    make_loader,
-)
-from finetune.fastio import decode, fast_eval_transform, guard_aspect, takes_fast_path
-from finetune.images import load_rgb, read_header
+from finetune.data.decode import DECODERS, decode, load_rgb, read_header, takes_fast_path
+from finetune.data.index import DatasetIndex
+from finetune.data.loader import ImageDataset, make_loader
+from finetune.data.transforms import EvalTransform, Preprocessing, eval_reader, guard_aspect
 
 LITE0 = Preprocessing(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")  # tf_efficientnet_lite0's
 IMAGENET_BILINEAR = Preprocessing(224, 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
@@ -65,8 +59,37 @@ def real_images(tmp_path_factory) -> list[Path]:
     return paths
 
 
+def pil_guard(im: Image.Image) -> Image.Image:
+    """The aspect guard on a PIL image: the long side cut to 3x the short one, centered."""
+    w, h = im.size
+    short, long = min(w, h), max(w, h)
+    if long <= 3 * short:
+        return im
+    keep = 3 * short
+    if w > h:
+        return im.crop(((w - keep) // 2, 0, (w - keep) // 2 + keep, h))
+    return im.crop((0, (h - keep) // 2, w, (h - keep) // 2 + keep))
+
+
 def reference(pre: Preprocessing, path: Path) -> torch.Tensor:
-    return eval_transform(pre)(load_rgb(path))
+    """Pillow all the way: decode, resize (PIL's antialiased kernels), crop, normalize."""
+    from torchvision import transforms as T
+
+    interp = T.InterpolationMode(pre.interpolation)
+    pipeline = T.Compose(
+        [
+            pil_guard,
+            T.Resize(pre.resize_size, interpolation=interp),
+            T.CenterCrop(pre.input_size),
+            T.ToTensor(),
+            T.Normalize(pre.mean, pre.std),
+        ]
+    )
+    return pipeline(load_rgb(path))
+
+
+def fast_eval_transform(pre: Preprocessing):
+    return eval_reader(pre, "fast")
 
 
 @pytest.mark.parametrize(
@@ -84,7 +107,8 @@ def test_fast_tensors_match_the_pillow_reference(pre, real_images):
 
 
 def test_same_top1_of_the_default_backbone(real_images):
-    from finetune.backbones import DEFAULT_BACKBONE, build
+    from finetune.models.backbone import build
+    from finetune.models.catalogue import DEFAULT_BACKBONE
 
     bb = build(DEFAULT_BACKBONE)
     pre = bb.preprocessing
@@ -161,10 +185,10 @@ def test_a_file_torchvision_refuses_falls_back_to_pillow(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("size", [(900, 100), (100, 900), (301, 100), (300, 100)])
 def test_guard_aspect_cuts_like_the_pil_guard(size):
-    """The crop box of data._GuardAspect (long side cut to 3x short, centered), here by hand."""
+    """The crop box of the aspect guard (long side cut to 3x short, centered), here by hand."""
     w, h = size
     arr = np.arange(w * h * 3, dtype=np.int64).reshape(h, w, 3) % 251  # (H, W, 3), every pixel distinct-ish
-    out = guard_aspect(torch.from_numpy(arr).permute(2, 0, 1), 64).permute(1, 2, 0).numpy()
+    out = guard_aspect(torch.from_numpy(arr).permute(2, 0, 1)).permute(1, 2, 0).numpy()
     short, long = min(w, h), max(w, h)
     keep = long if long <= 3 * short else 3 * short
     off = (long - keep) // 2
@@ -189,7 +213,7 @@ def test_fast_reader_works_in_decode_worker_processes(tmp_path):
 
 
 def test_decoder_choice(monkeypatch):
-    from finetune.data import DEFAULT_DECODER, get_decoder
+    from finetune.data.decode import DEFAULT_DECODER, get_decoder
     from finetune.errors import DataError
 
     assert set(DECODERS) == {"fast", "pil"} and DEFAULT_DECODER == "fast"
@@ -197,3 +221,12 @@ def test_decoder_choice(monkeypatch):
     assert get_decoder().name == "pil" and get_decoder("fast").name == "fast"
     with pytest.raises(DataError, match="unknown decoder"):
         get_decoder("turbo")
+
+
+def test_a_pil_image_in_memory_gets_the_pixels_of_its_file(real_images):
+    """load_run's transform (PIL image -> tensor) and the file reader give the same input."""
+    pre = LITE0.with_size(64)
+    for path in real_images[::7]:
+        from_file = eval_reader(pre, "pil")(path)
+        in_memory = EvalTransform(pre)(Image.open(path).convert("RGB"))
+        assert torch.equal(from_file, in_memory), path.name

@@ -7,9 +7,10 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from finetune.anatomy import Stage
 from finetune.cli import app
-from finetune.recipes import Recipe, frozen_names, load_recipe, param_groups, stage_roles
+from finetune.models.anatomy import Stage
+from finetune.recipes import Recipe, load_recipe, stage_roles
+from finetune.train.setup import frozen_names, param_groups
 
 runner = CliRunner()
 

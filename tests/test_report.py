@@ -25,8 +25,8 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from finetune.figures import confusion_svg, curves_figure, mistakes_svg, read_history
-from finetune.report import write_report
+from finetune.app.figures import confusion_svg, curves_figure, mistakes_svg, read_history
+from finetune.app.report import write_report
 from tests.conftest import invoke, write_images
 
 runner = CliRunner()
@@ -311,12 +311,12 @@ def test_report_with_history_stages_and_a_mistake_whose_image_is_gone(trained, t
 
 
 def test_a_plotting_failure_never_loses_the_run(tmp_path, monkeypatch, make_folder):
-    import finetune.report
+    import finetune.app.report
 
     def broken(*args, **kwargs):
         raise RuntimeError("no fonts today")
 
-    monkeypatch.setattr(finetune.report, "write_report", broken)
+    monkeypatch.setattr(finetune.app.report, "write_report", broken)
     data = make_folder({"red": 4, "blue": 4})
     res = invoke("run", data, "--out", tmp_path / "runs", "--set", "image_size=64")
     assert res.exit_code == 0, res.output
@@ -394,7 +394,7 @@ def test_probe_report_does_not_import_matplotlib(trained, tmp_path):
     preds[0]["pred"] = next(c for c in CLASSES if c != preds[0]["label"])  # a mistake: its grid too
     (run2 / "predictions.json").write_text(json.dumps(preds))
     code = (
-        "import sys; from finetune.report import write_report; write_report(sys.argv[1]); "
+        "import sys; from finetune.app.report import write_report; write_report(sys.argv[1]); "
         "heavy = [m for m in ('matplotlib', 'sklearn') if m in sys.modules]; "
         "assert not heavy, heavy"
     )

@@ -19,7 +19,7 @@ from safetensors.numpy import load_file
 
 from tests.conftest import invoke
 
-HEAVY = ("torch", "torchvision", "timm", "sklearn", "matplotlib")
+HEAVY = ("torch", "torchvision", "timm", "matplotlib")
 
 CODE = """
 import json, sys
@@ -97,8 +97,8 @@ def test_backbone_card_is_used_only_while_the_weights_file_is_unchanged(tiny_wei
     import torch
     from safetensors.torch import save_file
 
-    from finetune.anatomy import taps
-    from finetune.backbones import open_backbone
+    from finetune.models.anatomy import taps
+    from finetune.models.backbone import open_backbone
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     first = open_backbone("test_efficientnet", weights_file=tiny_weights)
@@ -125,9 +125,9 @@ def test_backbone_card_is_used_only_while_the_weights_file_is_unchanged(tiny_wei
 def test_trunk_cache_holds_the_cut_network(tiny_weights, tmp_path, monkeypatch):
     import copy
 
-    from finetune.anatomy import build_trunk
-    from finetune.backbones import build
-    from finetune.features import trunk_tensors
+    from finetune.features.cache import trunk_tensors
+    from finetune.models.anatomy import build_trunk
+    from finetune.models.backbone import build
 
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     bb = build("test_efficientnet", weights_file=tiny_weights)

@@ -22,15 +22,15 @@ def test_packaged_lite0_knows_imagenet():
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from finetune.backbones import build
-    from finetune.data import eval_transform
-    from finetune.predict import imagenet_class_names
+    from finetune.app.predict import imagenet_class_names
+    from finetune.data.transforms import EvalTransform
+    from finetune.models.backbone import build
 
     bb = build("lite0")
     assert bb.weights.source == "packaged" and len(bb.weights.sha256) == 64
     assert bb.preprocessing.mean == (0.5, 0.5, 0.5) and bb.preprocessing.interpolation == "bicubic"
     names = imagenet_class_names()
-    tf = eval_transform(bb.preprocessing)
+    tf = EvalTransform(bb.preprocessing)
     imgs = load_sample_images().images
     x = torch.stack([tf(Image.fromarray(im)) for im in imgs])
     with torch.inference_mode():
@@ -120,7 +120,7 @@ def test_predict_without_a_run_uses_imagenet_labels(tmp_path):
 
 
 def test_split_is_stratified_seeded_and_reproducible():
-    from finetune.data import stratified_split
+    from finetune.data.index import stratified_split
 
     labels = [0] * 10 + [1] * 5 + [2] * 2
     a = stratified_split(labels, 0.2, seed=3)
@@ -131,7 +131,7 @@ def test_split_is_stratified_seeded_and_reproducible():
 
 
 def test_split_folders_and_test_split_are_kept_apart(make_folder):
-    from finetune.data import scan
+    from finetune.data.index import scan
 
     data = make_folder({"a": 4, "b": 4}, layout="split", val=2, test=3)
     idx = scan(data)

@@ -22,7 +22,7 @@ from typer.testing import CliRunner
 import finetune
 from finetune.cli import app
 from finetune.errors import WeightsError
-from finetune.weights import read_state_dict
+from finetune.models.weights import read_state_dict
 from tests.conftest import one_line_error
 
 runner = CliRunner()
@@ -94,7 +94,8 @@ def test_pickle_in_weights_is_refused_with_one_line(
 def test_read_state_dict_refuses_even_when_torch_is_told_to_allow_pickles(evil_file, marker, tmp_path):
     """A fresh interpreter with the env var set from the start (torch reads it at load time)."""
     code = (
-        "import sys\nfrom finetune.weights import read_state_dict\nfrom finetune.errors import WeightsError\n"
+        "import sys\nfrom finetune.models.weights import read_state_dict\n"
+        "from finetune.errors import WeightsError\n"
         "try:\n    read_state_dict(sys.argv[1])\nexcept WeightsError as e:\n    print('REFUSED', e)\n"
     )
     env = {**os.environ, "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}
@@ -169,7 +170,7 @@ def test_pickle_in_a_features_file_is_refused_with_one_line(tmp_path, marker):
 def _calls(name_suffix: str):
     """(file, call node) for every call whose dotted name ends with `name_suffix` in finetune/."""
     root = Path(finetune.__file__).parent
-    for py in sorted(root.glob("*.py")):
+    for py in sorted(root.rglob("*.py")):
         tree = ast.parse(py.read_text(encoding="utf-8"))
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):

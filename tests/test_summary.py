@@ -16,7 +16,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from finetune.cli import app
-from finetune.summary import fold, published_accuracy, stage_multipliers, summarize, summarize_model
+from finetune.models.summary import fold, published_accuracy, stage_multipliers, summarize, summarize_model
 
 runner = CliRunner()
 

@@ -19,15 +19,21 @@ from safetensors.torch import load_file
 from torch import nn
 from typer.testing import CliRunner
 
-import finetune.train as T
-from finetune.anatomy import build_trunk, feature_dim, stages
-from finetune.backbones import build
+import finetune.train.loop
+from finetune.app.pipeline import run
 from finetune.cli import app
-from finetune.data import scan
+from finetune.data.index import scan
 from finetune.errors import TrainingError
-from finetune.model import Classifier
-from finetune.pipeline import RunContext, RunOptions, run
+from finetune.method import RunContext, RunOptions
+from finetune.models.anatomy import build_trunk, feature_dim, stages
+from finetune.models.backbone import build
+from finetune.models.classifier import Classifier
 from finetune.recipes import load_recipe
+from finetune.runtime import Dist
+from finetune.train.checkpoint import load_checkpoint, save_checkpoint
+from finetune.train.loop import _OOM, STOP_AFTER_ENV, Trainer
+from finetune.train.setup import frozen_norm_layers
+from finetune.train.signals import Interrupted
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -51,6 +57,7 @@ def make_trainer(
     workers: int = 0,
     init: bool = True,
     device: str = "cpu",
+    dist: Dist | None = None,
 ):
     """A Trainer on a real scanned folder and a real (random-init) timm model; logs collected."""
     recipe = load_recipe(strategy, overrides=list(overrides))
@@ -68,11 +75,10 @@ def make_trainer(
     pre = bb.preprocessing.with_size(recipe.image_size) if recipe.image_size else bb.preprocessing
     run_dir = tmp / "run"
     run_dir.mkdir(exist_ok=True)
-    logs: list[str] = []
-    ctx = RunContext(scan(data), bb, pre, recipe, run_dir, opts, log=logs.append)
+    ctx = RunContext(scan(data), bb, pre, recipe, run_dir, opts)
     trunk = build_trunk(bb.model, "pool")
     model = Classifier(trunk, nn.Linear(feature_dim(trunk, pre.input_size), len(ctx.index.classes)))
-    return T.Trainer(ctx, model, torch.device(device), T.Dist()), logs
+    return Trainer(ctx, model, torch.device(device), dist or Dist())
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -87,7 +93,7 @@ def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_i
 ):
     data = make_folder({"red": 6, "blue": 6})
     # bn_policy "eval": the top's BatchNorm statistics train too (the packaged default freezes them all).
-    tr, _ = make_trainer(
+    tr = make_trainer(
         data,
         tmp_path,
         "partial-finetune",
@@ -137,7 +143,7 @@ def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_i
 def test_full_finetune_changes_every_parameter(make_folder, tmp_path):
     data = make_folder({"red": 6, "blue": 6})
     # lr 0.5: the bottom's x0.001 step (5e-4) is large enough to show in float32 after 2 epochs
-    tr, _ = make_trainer(
+    tr = make_trainer(
         data,
         tmp_path,
         "full-finetune",
@@ -149,7 +155,7 @@ def test_full_finetune_changes_every_parameter(make_folder, tmp_path):
         'init_head="random"',
     )
     before = snapshot(tr.net)
-    assert len(tr.optimizer.param_groups) == 4 and not T.frozen_norm_layers(tr.net.trunk)
+    assert len(tr.optimizer.param_groups) == 4 and not frozen_norm_layers(tr.net.trunk)
     tr.fit()
     unchanged = [n for n, p in tr.net.named_parameters() if torch.equal(before[n], p)]
     assert not unchanged and len(before) > 40
@@ -157,7 +163,7 @@ def test_full_finetune_changes_every_parameter(make_folder, tmp_path):
 
 def test_bn_policy_frozen_keeps_every_running_statistic_while_affine_weights_learn(make_folder, tmp_path):
     data = make_folder({"red": 6, "blue": 6})
-    tr, _ = make_trainer(
+    tr = make_trainer(
         data,
         tmp_path,
         "full-finetune",
@@ -186,7 +192,7 @@ def test_training_lowers_the_training_loss(make_folder, tmp_path):
     """Real packaged lite0 at 64 px, no warmup, 2 epochs: the mean cross-entropy on the training images
     (computed here from the softmax) goes down."""
     data = make_folder({"red": 8, "blue": 8, "green": 8})
-    tr, _ = make_trainer(
+    tr = make_trainer(
         data,
         tmp_path,
         "full-finetune",
@@ -211,11 +217,12 @@ def test_training_lowers_the_training_loss(make_folder, tmp_path):
     assert loss() < 0.8 * start  # 1.63 -> 1.18 measured: a real drop, not noise
 
 
-def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path):
+def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path, caplog):
     """Scripted validation accuracies 0.5, 0.75, 0.75 (worse loss), 0.6 with patience 2: stop after
     epoch 4 of 10, and the model is epoch 2's."""
     data = make_folder({"red": 6, "blue": 6})
-    tr, logs = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=10", "patience=2")
+    caplog.set_level("INFO", logger="finetune")
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=10", "patience=2")
     script = iter([(0.5, 1.0), (0.75, 0.8), (0.75, 0.9), (0.6, 1.0)])
     kept = {}
 
@@ -228,7 +235,7 @@ def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path):
     tr.validate = validate
     tr.fit()
     assert tr.state.epoch == 4 and tr.state.best_epoch == 2 and tr.state.stopped_early
-    assert any("early stop" in m for m in logs)
+    assert "early stop" in caplog.text
     final = tr.net.state_dict()
     assert all(torch.equal(kept[k], final[k]) for k in kept)
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
@@ -253,21 +260,20 @@ def test_interrupted_and_resumed_twice_equals_uninterrupted_bit_for_bit(make_fol
         workers=0,
         overrides=(*TINY, "epochs=3"),
     )
-    logs: list[str] = []
-    whole = run(RunOptions(**common, out=tmp_path / "a"), log=logs.append)
+    whole = run(RunOptions(**common, out=tmp_path / "a"))
 
-    monkeypatch.setenv(T.STOP_AFTER_ENV, "5")  # after the last batch of epoch 1, before its validation
-    with pytest.raises(T.Interrupted) as err:
-        run(RunOptions(**common, out=tmp_path / "b"), log=logs.append)
+    monkeypatch.setenv(STOP_AFTER_ENV, "5")  # after the last batch of epoch 1, before its validation
+    with pytest.raises(Interrupted) as err:
+        run(RunOptions(**common, out=tmp_path / "b"))
     assert err.value.exit_code == 130 and "--resume" in str(err.value)
     run_dir = next((tmp_path / "b").iterdir())
     meta = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
     assert (meta["epoch"], meta["batch"]) == (0, 5) and isinstance(meta["numpy_rng"]["state"], dict)
-    monkeypatch.setenv(T.STOP_AFTER_ENV, "8")  # mid-epoch 2, after 3 of its 5 batches
-    with pytest.raises(T.Interrupted):
-        run(RunOptions(data=data, resume=run_dir, workers=0), log=logs.append)
-    monkeypatch.delenv(T.STOP_AFTER_ENV)
-    resumed = run(RunOptions(data=data, resume=run_dir, workers=0), log=logs.append)
+    monkeypatch.setenv(STOP_AFTER_ENV, "8")  # mid-epoch 2, after 3 of its 5 batches
+    with pytest.raises(Interrupted):
+        run(RunOptions(data=data, resume=run_dir, workers=0))
+    monkeypatch.delenv(STOP_AFTER_ENV)
+    resumed = run(RunOptions(data=data, resume=run_dir, workers=0))
 
     assert resumed.run_dir == run_dir
     a, b = _weights(whole.run_dir), _weights(run_dir)
@@ -310,7 +316,6 @@ def test_a_finetuned_run_is_used_by_predict_like_a_probe(make_folder, tmp_path):
             overrides=(*TINY, "epochs=1"),
             out=tmp_path / "runs",
         ),
-        log=lambda m: None,
     )
     saved = {p["path"]: p for p in json.loads((res.run_dir / "predictions.json").read_text())}
     out = runner.invoke(app, ["predict", str(data), "--run", str(res.run_dir), "--json"])
@@ -353,14 +358,14 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_folder, tmp_path):
     assert proc.returncode == 143, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("error: SIGTERM") and "--resume" in last, err
-    meta, tensors, _ = T.load_checkpoint(next(out.iterdir()) / "checkpoint")
+    meta, tensors, _ = load_checkpoint(next(out.iterdir()) / "checkpoint")
     assert meta["epoch"] >= 1 and any(k.startswith("model.") for k in tensors)
 
 
 _KILL_SCRIPT = """
 import os, sys, time, torch
 from pathlib import Path
-from finetune.train import save_checkpoint
+from finetune.train.checkpoint import save_checkpoint
 folder, hang_at = Path(sys.argv[1]), int(sys.argv[2])
 first = {"saves": 1, "epoch": 1, "batch": 0}
 save_checkpoint(folder, first, {"w": torch.full((4096,), 1.0)}, {"b": torch.ones(3)})
@@ -391,19 +396,19 @@ def test_sigkill_during_a_save_leaves_a_loadable_checkpoint(tmp_path, hang_at, e
     assert proc.poll() is None, "the save finished before it could be killed"
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
-    meta, tensors, best = T.load_checkpoint(folder)
+    meta, tensors, best = load_checkpoint(folder)
     assert meta["epoch"] == epoch
     assert torch.equal(tensors["w"], torch.full((4096,), float(epoch)))
     assert torch.equal(best["b"], torch.ones(3) if epoch == 1 else torch.zeros(3))
     # The next save clears what the killed one left behind.
-    T.save_checkpoint(folder, {"saves": 3, "epoch": 3, "batch": 0}, {"w": torch.zeros(2)})
+    save_checkpoint(folder, {"saves": 3, "epoch": 3, "batch": 0}, {"w": torch.zeros(2)})
     assert sorted(p.name for p in folder.iterdir()) == ["checkpoint.json", "state-000003.safetensors"]
 
 
 def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(make_folder, tmp_path, monkeypatch):
     data = make_folder({"red": 6, "blue": 6})
     out = tmp_path / "runs"
-    real_save, real_fsync, calls = T.save_checkpoint, os.fsync, []
+    real_save, real_fsync, calls = save_checkpoint, os.fsync, []
 
     def no_space(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -414,7 +419,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(make_folder, tmp_
             monkeypatch.setattr(os, "fsync", no_space)
         return real_save(folder, meta, tensors, best)
 
-    monkeypatch.setattr(T, "save_checkpoint", save)
+    monkeypatch.setattr(finetune.train.loop, "save_checkpoint", save)
     res = runner.invoke(
         app,
         tiny_run_args(data, out, "partial-finetune", "epochs=3", 'init_head="random"'),
@@ -425,7 +430,7 @@ def test_a_full_disk_is_one_line_and_keeps_the_last_checkpoint(make_folder, tmp_
     assert "error: cannot write the checkpoint" in last and "disk is full" in last
     assert "epoch 1, batch 0" in last and "--resume" in last
     folder = next(out.iterdir()) / "checkpoint"
-    meta, _, _ = T.load_checkpoint(folder)
+    meta, _, _ = load_checkpoint(folder)
     assert meta["epoch"] == 1
     assert not [p for p in folder.iterdir() if p.name.endswith(".tmp")]
 
@@ -461,42 +466,41 @@ class _SmallMemory(nn.Module):
 
     def forward(self, x):
         if len(x) > self.limit:
-            raise T._OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
+            raise _OOM("CUDA out of memory. Tried to allocate 2.00 GiB")
         self.sizes.append(len(x))
         return self.model(x)
 
 
-def test_out_of_memory_retries_with_half_batches_and_says_so(make_folder, tmp_path):
+def test_out_of_memory_retries_with_half_batches_and_says_so(make_folder, tmp_path, caplog):
     data = make_folder({"red": 5, "blue": 5})  # 8 training images, batch 4: 2 steps per epoch
-    tr, logs = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
+    caplog.set_level("INFO", logger="finetune")
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
     tr.fwd = _SmallMemory(tr.net, limit=2)
     tr.fit()
     assert tr.state.micro == 2 and tr.state.step == 2 and tr.fwd.sizes == [2, 2, 2, 2]
-    assert any("out of GPU memory: retrying with batches of 2 images" in m for m in logs)
+    assert "out of GPU memory: retrying with batches of 2 images" in caplog.text
 
     (tmp_path / "x").mkdir()
-    tr2, _ = make_trainer(data, tmp_path / "x", "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
+    tr2 = make_trainer(data, tmp_path / "x", "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
     tr2.fwd = _SmallMemory(tr2.net, limit=0)
     with pytest.raises(TrainingError, match="batch of 1 image"):
         tr2.fit()
 
 
 def test_a_crashed_decode_worker_is_reported_with_its_file(make_folder, tmp_path, monkeypatch):
-    import finetune.data as D
+    import finetune.data.decode as D
 
     data = make_folder({"red": 6, "blue": 6})
-    tr, _ = make_trainer(
-        data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"', workers=2
-    )
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"', workers=2)
     victim = tr.ctx.index.paths[tr.train_pos[3]]
-    real = D.load_rgb
+    real = D.read_header  # the first step of every decoder
 
     def crashing(path):
         if str(path).endswith(victim):
             os._exit(1)  # what a segfaulting decoder looks like from the outside
         return real(path)
 
-    monkeypatch.setattr(D, "load_rgb", crashing)
+    monkeypatch.setattr(D, "read_header", crashing)
     with pytest.raises(TrainingError, match="decode worker crashed") as err:
         tr.fit()
     assert victim in str(err.value)
@@ -510,7 +514,7 @@ def test_a_crashed_decode_worker_is_reported_with_its_file(make_folder, tmp_path
 @pytest.mark.parametrize("compile_", [False, True])
 def test_cuda_amp_channels_last_trains_and_resumes(make_folder, tmp_path, compile_):
     data = make_folder({"red": 8, "blue": 8})
-    tr, _ = make_trainer(data, tmp_path, "full-finetune", *TINY, "epochs=2", device="cuda")
+    tr = make_trainer(data, tmp_path, "full-finetune", *TINY, "epochs=2", device="cuda")
     if compile_:
         tr.fwd = torch.compile(tr.net)
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
@@ -521,5 +525,5 @@ def test_cuda_amp_channels_last_trains_and_resumes(make_folder, tmp_path, compil
     tr.fit()
     assert all(np.isfinite(r["train_loss"]) for r in tr.state.history)
     assert any(not torch.equal(before[k].cuda(), v) for k, v in tr.net.state_dict().items())
-    meta, tensors, _ = T.load_checkpoint(tmp_path / "run" / "checkpoint")
+    meta, tensors, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert "rng.cuda.0" in tensors and meta["epoch"] == 2

@@ -1,0 +1,235 @@
+"""The run folder: one trained classifier and everything needed to use and judge it.
+
+    runs/20261123-101500-lite0-linear-probe/
+        model.safetensors   trunk + head tensors (no pickle)
+        config.json         backbone, weights source + sha256, classes, preprocessing, recipe, versions
+        metrics.json        validation (and test) accuracy, per-class table
+        split.json          which file went to train / val / test
+        problems.json       files skipped or ignored, with reasons
+
+Loading needs no training code and unpickles nothing::
+
+    from finetune import load_run
+    model, transform, class_names = load_run("runs/20261123-101500-lite0-linear-probe")
+
+Every file is written through `io.atomic_write`: temp file, fsync, rename.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from finetune.data.transforms import Preprocessing
+from finetune.errors import RunError
+from finetune.io import save_tensors, write_json
+
+MODEL_FILE = "model.safetensors"
+
+
+CONFIG_FILE = "config.json"
+
+
+FORMAT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """config.json: what a run is, enough to rebuild its model without the training code."""
+
+    backbone: str  # the name given (alias or framework name)
+    model: str  # the concrete framework model
+    tap: str  # where the trunk was cut ("pool" unless stage-probe chose another)
+    pool: str
+    class_names: tuple[str, ...]
+    preprocessing: Preprocessing
+    strategy: str
+    head_kind: str  # "logreg" (probabilities) | "svm" (scores) | "finetune" (softmax)
+    weights: dict = field(default_factory=dict)
+    recipe: dict = field(default_factory=dict)
+    data: dict = field(default_factory=dict)
+    versions: dict = field(default_factory=dict)
+    created: str = ""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def probabilistic(self) -> bool:
+        return self.head_kind != "svm"
+
+    def to_dict(self) -> dict:
+        return {
+            "format": FORMAT_VERSION,
+            "backbone": self.backbone,
+            "model": self.model,
+            "tap": self.tap,
+            "pool": self.pool,
+            "class_names": list(self.class_names),
+            "preprocessing": self.preprocessing.to_dict(),
+            "strategy": self.strategy,
+            "head_kind": self.head_kind,
+            "weights": self.weights,
+            "recipe": self.recipe,
+            "data": self.data,
+            "versions": self.versions,
+            "created": self.created,
+            "extra": self.extra,
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        try:
+            return cls(
+                backbone=d["backbone"],
+                model=d["model"],
+                tap=d.get("tap", "pool"),
+                pool=d.get("pool", "avg"),
+                class_names=tuple(d["class_names"]),
+                preprocessing=Preprocessing.from_dict(d["preprocessing"]),
+                strategy=d.get("strategy", ""),
+                head_kind=d.get("head_kind", "logreg"),
+                weights=d.get("weights", {}),
+                recipe=d.get("recipe", {}),
+                data=d.get("data", {}),
+                versions=d.get("versions", {}),
+                created=d.get("created", ""),
+                extra=d.get("extra", {}),
+            )
+        except (KeyError, TypeError, ValueError) as err:
+            raise RunError(
+                f"config.json is incomplete ({err})", "use a run folder written by `finetune run`"
+            ) from None
+
+
+def new_run_dir(out: str | os.PathLike, backbone: str, strategy: str) -> Path:
+    """runs/<YYYYmmdd-HHMMSS>-<backbone>-<strategy>/, made unique with a counter."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    safe = backbone.replace("/", "_").replace(":", "-")
+    base = Path(out) / f"{stamp}-{safe}-{strategy}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    path.mkdir(parents=True)
+    return path
+
+
+def save_run(run_dir: Path, tensors: dict, config: RunConfig) -> None:
+    """model.safetensors (the Classifier's state dict) + config.json; the caller writes the rest."""
+    save_tensors(run_dir / MODEL_FILE, tensors, metadata={"format": str(FORMAT_VERSION)})
+    write_json(run_dir / CONFIG_FILE, config.to_dict())
+
+
+def is_run(path: str | os.PathLike) -> bool:
+    p = Path(path)
+    return (p / CONFIG_FILE).is_file() and (p / MODEL_FILE).is_file()
+
+
+def latest_run(out: str | os.PathLike = "runs") -> Path | None:
+    """The newest run folder under `out` (by the time in its name, then mtime), or None."""
+    root = Path(out)
+    if not root.is_dir():
+        return None
+    runs = [p for p in root.iterdir() if p.is_dir() and is_run(p)]
+    return max(runs, key=lambda p: (p.name[:15], p.stat().st_mtime)) if runs else None
+
+
+def read_config(run_dir: str | os.PathLike) -> RunConfig:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(
+            f"run folder {run_dir} does not exist", "pass a folder under runs/ (see `finetune runs`)"
+        )
+    if not is_run(run_dir):
+        raise RunError(
+            f"{run_dir} is not a finetune run (no {CONFIG_FILE} and {MODEL_FILE})",
+            "pass a folder written by `finetune run`",
+        )
+    try:
+        raw = json.loads((run_dir / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise RunError(
+            f"{run_dir / CONFIG_FILE} is not valid JSON ({err})", "re-run `finetune run`"
+        ) from None
+    return RunConfig.from_dict(raw)
+
+
+def build_model(config: RunConfig):
+    """The run's architecture with random weights: backbone cut at its tap + Linear head."""
+    from torch import nn
+
+    from finetune.models.anatomy import build_trunk, feature_dim
+    from finetune.models.backbone import build
+    from finetune.models.catalogue import resolve
+    from finetune.models.classifier import Classifier
+
+    spec = resolve(config.backbone)
+    bb = build(spec, pretrained=False)
+    trunk = build_trunk(bb.model, config.tap, config.pool)
+    dim = feature_dim(trunk, max(config.preprocessing.input_size, spec.min_input))
+    return Classifier(trunk, nn.Linear(dim, len(config.class_names)))
+
+
+def load_run(run_dir: str | os.PathLike):
+    """(model in eval mode, transform: PIL image -> tensor, class names) of a run folder."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from finetune.data.transforms import EvalTransform
+
+    run_dir = Path(run_dir)
+    config = read_config(run_dir)
+    model = build_model(config)
+    try:
+        state = load_file(str(run_dir / MODEL_FILE))
+    except (SafetensorError, OSError) as err:
+        raise RunError(
+            f"{run_dir / MODEL_FILE} is not a valid safetensors file ({err})", "re-run `finetune run`"
+        ) from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(
+            f"{run_dir / MODEL_FILE} does not match its config "
+            f"({len(missing)} missing, {len(unexpected)} unexpected)",
+            "re-run `finetune run`",
+        )
+    model.eval()
+    return model, EvalTransform(config.preprocessing), list(config.class_names)
+
+
+def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
+    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric."""
+    root = Path(out)
+    rows = []
+    if not root.is_dir():
+        return rows
+    for p in sorted(
+        (p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True
+    ):
+        try:
+            config = read_config(p)
+            metrics = (
+                json.loads((p / "metrics.json").read_text(encoding="utf-8"))
+                if (p / "metrics.json").is_file()
+                else {}
+            )
+        except (RunError, json.JSONDecodeError, OSError):
+            continue  # a damaged folder is not a run to list
+        split = metrics.get("headline", "val")
+        rows.append(
+            {
+                "run": p.name,
+                "path": str(p),
+                "backbone": config.backbone,
+                "strategy": config.strategy,
+                "tap": config.tap,
+                "classes": len(config.class_names),
+                "split": split,
+                "accuracy": metrics.get(split, {}).get("accuracy"),
+                "seconds": metrics.get("seconds"),
+                "created": config.created,
+            }
+        )
+    return rows

@@ -1,0 +1,1 @@
+"""Image folders: decode (one guarded reader), transforms, index (scan and split), loader."""

@@ -1,0 +1,1 @@
+"""Networks: catalogue, weights, backbones, anatomy (stages and taps), classifier, layer table."""

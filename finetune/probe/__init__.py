@@ -1,0 +1,1 @@
+"""Linear heads on frozen features: linear-probe, stage-probe and the DeCAF table."""

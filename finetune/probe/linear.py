@@ -1,0 +1,195 @@
+"""The probe method: frozen features -> linear head (sklearn's objective) -> folded into the saved model.
+
+`linear-probe` reads one tap (the pooled penultimate layer by default); `stage-probe`
+reads the pooled output of every stage, keeps the stage whose head does best on the
+validation split, and cuts the network there.
+
+Everything after the features is numpy: with every feature and the cut network's tensors in
+the cache (`features.py`), a re-run neither builds the network nor imports torch.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import numpy as np
+
+from finetune.errors import DataError
+from finetune.features.cache import trunk_tensors
+from finetune.features.extract import Features, extract_taps
+from finetune.method import Outcome, RunContext
+from finetune.metrics import classification_metrics
+from finetune.probe.heads import FittedHead, fit_head, fold
+
+log = logging.getLogger(__name__)
+
+
+def _say_fit(ctx: RunContext, head: FittedHead) -> None:
+    if head.n_folds == 0:
+        log.info("too few images per class for cross-validation: using C = 1")
+    else:
+        log.info(f"head: {head.kind}, C = {head.C:g} chosen by {head.n_folds}-fold cross-validation")
+
+
+def softmax(z: np.ndarray) -> np.ndarray:
+    """Row-wise softmax of (N, K) scores, in float64."""
+    z = np.asarray(z, np.float64)
+    e = np.exp(z - z.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def evaluate_split(
+    ctx: RunContext, feats: Features, split: str, folded: tuple[np.ndarray, np.ndarray], head_kind: str
+) -> tuple[dict, list[dict]]:
+    """Metrics and per-image predictions of the folded head (W, b) on one split."""
+    sub = feats.subset(ctx.positions(split))
+    w, b = folded
+    scores = sub.x @ w.T + b  # (N, K) float32, what the saved nn.Linear computes
+    if head_kind != "svm":
+        scores = softmax(scores)
+    pred = scores.argmax(1)
+    metrics = classification_metrics(sub.labels, pred, ctx.index.classes, scores)
+    rows = [
+        {
+            "path": ctx.index.paths[int(p)],
+            "split": split,
+            "label": ctx.index.classes[int(t)],
+            "pred": ctx.index.classes[int(k)],
+            "score": float(s[k]),
+        }
+        for p, t, k, s in zip(sub.positions, sub.labels, pred, scores)
+    ]
+    return metrics, rows
+
+
+def extract_all(ctx: RunContext, taps: list[str], description: str) -> dict[str, Features]:
+    """Features of `taps` for every image of the index, one pass; decode failures recorded in ctx.bad."""
+    index = ctx.index
+    feats = extract_taps(
+        ctx.backbone,
+        taps,
+        ctx.recipe.pool,
+        index,
+        range(len(index.paths)),
+        ctx.preprocessing,
+        batch_size=ctx.recipe.batch_size,
+        workers=ctx.options.workers,
+        device=ctx.options.device,
+        cache=ctx.options.cache,
+        description=description,
+    )
+    first = feats[taps[0]]  # every tap has the same images and failures
+    if first.hits:
+        log.info(f"feature cache: {first.hits} of {len(index.paths)} images reused")
+    ctx.bad.update(first.bad)
+    for pos, reason in sorted(first.bad.items()):
+        log.info(f"skipped {index.paths[pos]}: {reason}")
+    ctx.check_classes()
+    return feats
+
+
+def linear_probe(ctx: RunContext) -> Outcome:
+    recipe = ctx.recipe
+    t0 = time.perf_counter()
+    feats = extract_all(ctx, [recipe.layer], f"features ({recipe.layer})")[recipe.layer]
+    t1 = time.perf_counter()
+    train = feats.subset(ctx.positions("train"))
+    if len(train.x) == 0:
+        raise DataError("no training images could be read", "run `finetune check DATA` to see why")
+    head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
+    t2 = time.perf_counter()
+    _say_fit(ctx, head)
+    folded = fold(head)
+    metrics: dict = {}
+    predictions: list[dict] = []
+    for split in ("val", "test"):
+        if ctx.positions(split):
+            metrics[split], rows = evaluate_split(ctx, feats, split, folded, head.kind)
+            predictions += rows
+    metrics.update(head_and_timing(head, feats, (t0, t1, t2)))
+    return Outcome(
+        model_tensors(ctx, recipe.layer, folded),
+        recipe.layer,
+        head.kind,
+        metrics,
+        predictions,
+        ran_on(ctx, feats),
+    )
+
+
+def model_tensors(ctx: RunContext, tap: str, folded: tuple[np.ndarray, np.ndarray]) -> dict:
+    """The saved Classifier's tensors: the network cut at `tap` (cached) and the folded head."""
+    trunk = trunk_tensors(ctx.backbone, tap, ctx.recipe.pool, ctx.preprocessing, cache=ctx.options.cache)
+    return {**trunk, "head.weight": folded[0], "head.bias": folded[1]}
+
+
+def ran_on(ctx: RunContext, feats: Features) -> dict:
+    """config.json's "device": where the network ran, or that it did not run at all."""
+    if feats.engine == "cache":
+        return {"device": "none (every feature from the cache)"}
+    from finetune.runtime import pick_device
+
+    return {"device": str(pick_device(ctx.options.device))}
+
+
+def head_and_timing(head: FittedHead, feats: Features, marks: tuple[float, float, float]) -> dict:
+    """metrics.json's "head" and "timing" entries; marks = (start, features done, head fitted)."""
+    t0, t1, t2 = marks
+    n = len(feats.x)
+    return {
+        "head": {
+            "kind": head.kind,
+            "C": head.C,
+            "folds": head.n_folds,
+            "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
+        },
+        "timing": {
+            "extract_s": round(t1 - t0, 3),
+            "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),
+            "cache_hits": feats.hits,
+            "engine": feats.engine,
+            "fit_s": round(t2 - t1, 3),
+            "images": n,
+        },
+    }
+
+
+def lpft_head(ctx: RunContext, trunk: Any, device: Any) -> tuple[np.ndarray, np.ndarray, dict]:
+    """LP-FT's starting head: a logistic regression on the frozen trunk's training features.
+
+    Fitted on the raw features (`standardize=False`), not folded from standardized ones: folding
+    divides by each feature's std, and features that barely vary on eval images get weights in
+    the hundreds; once fine-tuning moves them (batch statistics, augmentation) the logits explode
+    (measured: loss 150+ on digits). Raw-feature weights stay O(1).
+
+    Returns:
+        (W (K, D), b (K,)) float32 for the head's nn.Linear, and what config.json records.
+    """
+    from finetune.features.cache import FeatureIdentity
+    from finetune.features.extract import extract
+
+    recipe = ctx.recipe
+    feats = extract(
+        trunk,
+        ctx.index,
+        ctx.positions("train"),
+        ctx.preprocessing,
+        batch_size=recipe.batch_size,
+        workers=ctx.options.workers,
+        device=device,
+        description="features for the probe head",
+        identity=FeatureIdentity.of(ctx.backbone, "pool", recipe.pool, ctx.preprocessing),
+        cache=ctx.options.cache,
+    )
+    ctx.bad.update(feats.bad)
+    for pos, reason in sorted(feats.bad.items()):
+        log.info(f"skipped {ctx.index.paths[pos]}: {reason}")
+    ctx.check_classes()
+    head = fit_head(
+        feats.x, feats.labels, kind="logreg", c_grid=recipe.c_grid, seed=recipe.seed, standardize=False
+    )
+    w, b = fold(head)
+    log.info(f"head seeded by a linear probe (C = {head.C:g}) before fine-tuning")
+    return w, b, {"C": head.C, "folds": head.n_folds}

@@ -1,0 +1,1 @@
+"""Fine-tuning: setup (freezing, BatchNorm, LR groups), the loop, checkpoints and signals."""
