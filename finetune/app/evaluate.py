@@ -212,7 +212,7 @@ def _write(ev: Evaluation, index, y_true, y_pred, confidence, class_names: list[
     out.mkdir(parents=True, exist_ok=True)
 
     def figure(name: str, svg: str) -> None:
-        blob = svg.encode("utf-8")
+        blob = svg.encode("utf-8", "replace")  # a non-UTF-8 class name: "?"
         atomic_write(out / f"{name}.svg", lambda fh: fh.write(blob))
         ev.files[name] = out / f"{name}.svg"
 
