@@ -70,11 +70,15 @@ def applicable_overrides(strategy: str, overrides: tuple[str, ...]) -> tuple[str
 def compare(opts: CompareOptions) -> tuple[list[CompareRow], Path]:
     """Run every strategy; write compare.json and compare.png under `opts.out`; return the rows."""
     from finetune.app.pipeline import run
+    from finetune.data.places import outside_data, writable_place
     from finetune.errors import RecipeError
     from finetune.io import write_json
     from finetune.method import RunOptions
     from finetune.recipes import override_keys
+    from finetune.runtime import check_device
 
+    check_device(opts.device)
+    writable_place(outside_data(opts.out, opts.data))
     overrides = {s: applicable_overrides(s, opts.overrides) for s in opts.strategies}
     for key in override_keys(opts.overrides):
         users = [s for s, items in overrides.items() if key in override_keys(items)]

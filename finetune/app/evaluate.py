@@ -131,8 +131,9 @@ def evaluate_run(
     from finetune.app.runfolder import load_run, read_config
     from finetune.data.index import scan
     from finetune.features.extract import extract
-    from finetune.runtime import pick_device
+    from finetune.runtime import check_device, pick_device
 
+    device = check_device(device)  # before any work: a device this machine lacks is one line
     config = read_config(run_dir)
     index = scan(data, labels_csv=labels_csv, for_training=False)  # every image, any class count
     out_dir = Path(out) if out is not None else default_out(run_dir, index.root)
