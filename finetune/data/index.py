@@ -242,7 +242,7 @@ def _detect_splits(root: Path, for_training: bool = True) -> dict[str, Path]:
                 )
             named[key] = Path(entry.path)
     if "train" not in named:
-        orphans = [p for p in named.values() if _holds_class_folders(p)]
+        orphans = [named[k] for k in ("val", "test") if k in named and _holds_class_folders(named[k])]
         if orphans and not for_training:
             return {k: p for k, p in named.items() if p in orphans}
         if orphans:
