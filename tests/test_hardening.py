@@ -5,6 +5,7 @@ leave it byte-for-byte unchanged (`unchanged`)."""
 from __future__ import annotations
 
 import errno
+import json
 import io
 import shlex
 from pathlib import Path
@@ -238,3 +239,47 @@ def test_names_with_escape_sequences_reach_the_terminal_escaped(make_folder, tmp
         assert "blue\\x1b[2J\\rfoo" in res.output
         res = invoke("check", data)
         assert res.exit_code == 0 and "\x1b" not in res.output
+
+
+# --------------------------------------------------------------------------- what the headline means
+
+
+def test_a_headline_chosen_on_validation_says_so_everywhere(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    args = ["run", data, "-s", "partial-finetune", "--backbone", "test_resnet", "--no-pretrained"]
+    args += ["--workers", "0", "-o", out]
+    args += [
+        a for kv in ("image_size=32", "batch_size=4", "middle_stages=1", "epochs=1") for a in ("--set", kv)
+    ]
+    with unchanged(data):
+        res = invoke(*args)
+    assert res.exit_code == 0, res.output
+    assert "val (used for selection) accuracy:" in res.output
+    run_dir = next(out.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["headline"] == "val" and metrics["headline_label"] == "val (used for selection)"
+    assert "val (used for selection)" in (run_dir / "report.html").read_text()
+
+
+def test_a_probe_headline_is_plain_val_and_a_test_folder_is_the_headline(make_folder, tmp_path):
+    for layout, test, expected in (("class", 0, "val"), ("split", 2, "test")):
+        data = make_folder({"red": 4, "blue": 4}, layout=layout, test=test, name=f"d-{layout}")
+        out = tmp_path / f"runs-{layout}"
+        with unchanged(data):
+            res = invoke("run", data, *TINY, "-o", out)
+        assert res.exit_code == 0, res.output
+        metrics = json.loads((next(out.iterdir()) / "metrics.json").read_text())
+        assert metrics["headline"] == metrics["headline_label"] == expected
+
+
+def test_stage_probe_chooses_by_cross_validation_and_ties_go_to_the_later_stage():
+    from finetune.probe.stage import choose_stage
+
+    def rows(cv, val):
+        return [{"stage": f"s{i}", "cv_accuracy": c, "accuracy": v} for i, (c, v) in enumerate(zip(cv, val))]
+
+    # stage 1 wins on validation, stage 2 on cross-validation: validation chooses nothing
+    assert choose_stage(rows([0.8, 0.9, 0.95], [0.7, 1.0, 0.6])) == "s2"
+    assert choose_stage(rows([1.0, 1.0, 0.9], [1.0, 1.0, 1.0])) == "s1"  # a tie: the later stage
+    assert choose_stage(rows([None, None, None], [1.0, 0.5, 0.5])) == "s2"  # no CV possible: the top
