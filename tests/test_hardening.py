@@ -5,8 +5,8 @@ leave it byte-for-byte unchanged (`unchanged`)."""
 from __future__ import annotations
 
 import errno
-import json
 import io
+import json
 import shlex
 from pathlib import Path
 
@@ -283,3 +283,35 @@ def test_stage_probe_chooses_by_cross_validation_and_ties_go_to_the_later_stage(
     assert choose_stage(rows([0.8, 0.9, 0.95], [0.7, 1.0, 0.6])) == "s2"
     assert choose_stage(rows([1.0, 1.0, 0.9], [1.0, 1.0, 1.0])) == "s1"  # a tie: the later stage
     assert choose_stage(rows([None, None, None], [1.0, 0.5, 0.5])) == "s2"  # no CV possible: the top
+
+
+def test_the_resume_hint_is_shell_quoted(tmp_path):
+    import signal
+    from types import SimpleNamespace
+
+    from finetune.train.loop import Trainer
+    from finetune.train.signals import Interrupted
+
+    root, run_dir = tmp_path / "my data; rm -rf ~", tmp_path / "runs/it's $HOME"
+    fake = SimpleNamespace(
+        state=SimpleNamespace(epoch=0, batch=3),
+        folder=run_dir / "checkpoint",
+        ctx=SimpleNamespace(index=SimpleNamespace(root=root), run_dir=run_dir),
+    )
+    with pytest.raises(Interrupted) as caught:
+        Trainer._raise_interrupted(fake, signal.SIGTERM)
+    command = caught.value.todo.removeprefix("continue with: ")
+    assert shlex.split(command) == ["finetune", "run", str(root), "--resume", str(run_dir)]
+
+
+def test_a_path_listed_twice_in_a_csv_counts_once(make_folder, tmp_path):
+    from finetune.data.index import scan
+
+    data = make_folder({"red": 3, "blue": 3})
+    rows = [f"{c}/img_{i:03d}.png,{c}" for c in ("red", "blue") for i in range(3)] + ["red/img_000.png,blue"]
+    labels = tmp_path / "labels.csv"
+    labels.write_text("\n".join(rows) + "\n", encoding="utf-8")
+    with unchanged(data):
+        index = scan(data, labels_csv=labels)
+    assert len(index.paths) == 6 and index.counts() == {"blue": 3, "red": 3}
+    assert [p.reason for p in index.ignored] == ["listed again on line 7: the row on line 1 counts"]

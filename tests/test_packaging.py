@@ -9,11 +9,11 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
-import tomllib
 import zipfile
 from pathlib import Path
 
 import pytest
+import tomllib
 
 from tests.conftest import invoke
 
@@ -85,8 +85,7 @@ def test_version():
 
 
 def test_help_shows_no_python_types_and_names_arguments_alike():
-    commands = _commands()
-    for name, cmd in commands.items():
+    for name in _commands():
         res = invoke(*name.split(), "--help")
         assert res.exit_code == 0, (name, res.output)
         assert not re.search(r"<(list\[|str>|int>|float>|path>|Path>)", res.output), (name, res.output)
@@ -106,7 +105,7 @@ def test_shared_options_have_one_name_and_one_range():
         assert p is not None and "--no-pretrained" in p.secondary_opts, name
     ranges = {}
     for flag in ("--val-fraction", "--workers", "--seed", "--device"):
-        for name, cmd in commands.items():
+        for cmd in commands.values():
             p = option(cmd, flag)
             if p is not None:
                 ranges.setdefault(flag, set()).add(

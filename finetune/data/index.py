@@ -20,7 +20,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import io
-import logging
 import os
 from collections import Counter
 from collections.abc import Iterator, Sequence
@@ -30,10 +29,8 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.decode import ImageError, is_image_name, is_litter, probe
-from finetune.data.duplicates import Duplicate, find_duplicates, identical_groups
+from finetune.data.duplicates import Duplicate, describe, identical_groups
 from finetune.errors import DataError
-
-log = logging.getLogger(__name__)
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 
@@ -299,9 +296,13 @@ def scan(
     `for_training=False` indexes a folder to be judged, not learned from (`evaluate`): any
     number of classes and images per class, every split folder kept as it is, nothing split.
 
+    For training, identical files are found (`duplicates`) and kept in one split when the split
+    is made here; an empty val/ falls back to a split of train/ (a warning).
+
     Raises:
         DataError: missing folder, no images; for training also fewer than two classes, a class
-            with one image, or classes in val/test that train lacks.
+            with one image, classes in val/test that train lacks, or val/ and test/ without train/;
+            a labels CSV that is not UTF-8 or names an unknown split.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -467,7 +468,7 @@ def _assemble(
     if index.has("val"):  # the user's validation split; rows without a split (CSV) train
         splits = ["train" if s == "all" else s for s in splits]
         index = dataclasses.replace(index, splits=tuple(splits))
-        return dataclasses.replace(index, duplicates=find_duplicates(index, range(len(index.paths))))
+        return _with_duplicates(index, groups)
     unassigned = [i for i, s in enumerate(splits) if s == "all"]
     pool = unassigned or [i for i, s in enumerate(splits) if s == "train"]
     labels = index.labels
@@ -485,4 +486,10 @@ def _assemble(
     for i, s in zip(pool, sub, strict=True):
         splits[i] = s
     index = dataclasses.replace(index, splits=tuple(splits), split_seed=seed, val_fraction=val_fraction)
-    return dataclasses.replace(index, duplicates=find_duplicates(index, range(len(index.paths))))
+    return _with_duplicates(index, groups)
+
+
+def _with_duplicates(index: DatasetIndex, groups: dict[str, list[int]]) -> DatasetIndex:
+    """`index` with its groups of identical files described (the same groups `check` reports)."""
+    classes = [index.classes[k] for k in index.labels]
+    return dataclasses.replace(index, duplicates=describe(groups, index.paths, index.splits, classes))
