@@ -315,3 +315,10 @@ def test_a_path_listed_twice_in_a_csv_counts_once(make_folder, tmp_path):
         index = scan(data, labels_csv=labels)
     assert len(index.paths) == 6 and index.counts() == {"blue": 3, "red": 3}
     assert [p.reason for p in index.ignored] == ["listed again on line 7: the row on line 1 counts"]
+
+
+def test_a_probe_layer_the_backbone_lacks_is_refused_before_a_run_folder_exists(image_folder, tmp_path):
+    out = tmp_path / "out"
+    with unchanged(image_folder):
+        one_line_error(invoke("run", image_folder, *TINY, "--set", "layer=fc9", "-o", out), "has no such tap")
+    assert not out.exists()

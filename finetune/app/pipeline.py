@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.index import DatasetIndex, scan
-from finetune.errors import FinetuneError, RecipeError, RunError
+from finetune.errors import BackboneError, FinetuneError, RecipeError, RunError
 from finetune.method import Outcome, RunContext, RunOptions
 from finetune.recipes import load_recipe, override_keys
 
@@ -169,6 +169,11 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         seed=recipe.seed,
     )
     check_image_size(recipe, bb.spec)
+    if recipe.is_probe and recipe.layer != "all" and recipe.layer not in bb.tap_names:
+        raise BackboneError(
+            f"--set layer={recipe.layer}: {opts.backbone} has no such tap",
+            f"choose one of {', '.join(bb.tap_names)}, or all (stage-probe)",
+        )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
     # fine-tuning runs DistributedDataParallel (train.py). Rank 0 alone writes the run folder.
