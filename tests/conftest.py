@@ -133,12 +133,6 @@ def unchanged(root: Path):
 
 
 @pytest.fixture
-def data_guard():
-    """The `unchanged` check as a fixture: `with data_guard(data): ...`."""
-    return unchanged
-
-
-@pytest.fixture
 def runs_dir(tmp_path) -> Path:
     return tmp_path / "runs"
 
