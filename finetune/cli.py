@@ -11,6 +11,8 @@ commands, so `finetune --help` answers at once.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import sys
 from enum import Enum
@@ -18,7 +20,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from typer.core import TyperGroup
+from typer.core import TyperArgument, TyperGroup
 
 try:  # typer >= 0.26 ships its own copy of click; its exceptions are the ones raised
     from typer._click import echo
@@ -32,15 +34,43 @@ from finetune.errors import FinetuneError
 
 
 def _fail(message: str, code: int = 2) -> None:
-    echo(f"error: {message}", err=True)
+    echo(f"error: {printable(message)}", err=True)
     sys.exit(code)
+
+
+# OSErrors that mean "cannot write here" (a full disk, a read-only place): one line, not a traceback.
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _tolerant_streams() -> None:
+    """A terminal whose encoding cannot show a name (ASCII, Latin-1) gets "?" instead of a crash."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            with contextlib.suppress(ValueError, OSError):  # a stream that cannot change: leave it
+                reconfigure(errors="replace")
+
+
+class _Argument(TyperArgument):
+    """An argument named in capitals (DATA, RUN, IMAGE...): its help shows no Python type beside it."""
+
+    def display_type_rich(self, ctx) -> None:  # noqa: D102
+        return None
 
 
 class _Group(TyperGroup):
     """Maps domain errors and usage errors to one line and exit code 2."""
 
+    def get_command(self, ctx, cmd_name):  # noqa: D102
+        command = super().get_command(ctx, cmd_name)
+        for param in getattr(command, "params", ()):
+            if type(param) is TyperArgument:
+                param.__class__ = _Argument  # same object, same parsing; only its help line differs
+        return command
+
     def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):  # noqa: D102
         setup_logging()
+        _tolerant_streams()
         try:
             rv = super().main(
                 args=args, prog_name=prog_name, complete_var=complete_var, standalone_mode=False, **extra
@@ -59,6 +89,11 @@ class _Group(TyperGroup):
             _fail("interrupted", 130)
         except FinetuneError as err:
             _fail(str(err), getattr(err, "exit_code", 2))  # Interrupted training: 130 / 143
+        except OSError as err:
+            if err.errno not in _WRITE_ERRNOS:
+                raise
+            where = err.filename or "a file"
+            _fail(f"cannot write {where}: {err.strerror} — free some space or choose another place (-o)")
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -70,6 +105,77 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,
 )
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            typer.echo(f"finetune {version('finetune')}")
+        except PackageNotFoundError:  # pragma: no cover - running from a source tree
+            typer.echo("finetune (not installed)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    show_version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Transfer learning for image folders: probe or fine-tune an ImageNet CNN on your images."""
+
+
+def _device(value: str) -> str:
+    """--device checked before any work: a name this machine has (auto, cpu, cuda, cuda:N, mps)."""
+    from finetune.runtime import check_device
+
+    try:
+        return check_device(value)
+    except FinetuneError as err:
+        raise typer.BadParameter(str(err)) from None
+
+
+# The options several commands share, spelled and ranged the same way everywhere.
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit (recipes.MAX_SEED)
+DeviceOpt = Annotated[
+    str, typer.Option("--device", metavar="DEVICE", callback=_device, help="auto | cpu | cuda | cuda:N | mps")
+]
+WorkersOpt = Annotated[
+    int | None,
+    typer.Option("--workers", metavar="N", min=0, help="Decode worker processes (default: cores; 0: none)."),
+]
+SeedOpt = Annotated[int, typer.Option("--seed", metavar="N", min=0, max=MAX_SEED, help="Seed of the split.")]
+ValFractionOpt = Annotated[
+    float,
+    typer.Option(
+        "--val-fraction",
+        metavar="F",
+        min=0.05,
+        max=0.9,
+        help="Validation share when DATA has no val/ folder.",
+    ),
+]
+LabelsOpt = Annotated[
+    Path | None,
+    typer.Option("--labels", metavar="CSV", help="CSV of path,label[,split] (paths relative to DATA)."),
+]
+PretrainedOpt = Annotated[
+    bool, typer.Option("--pretrained/--no-pretrained", help="ImageNet weights, or random init.")
+]
+WeightsOpt = Annotated[
+    Path | None, typer.Option("--weights", metavar="FILE", help="Weights file (.safetensors or state dict).")
+]
+BackboneOpt = Annotated[
+    str, typer.Option("--backbone", "-b", metavar="NAME", help="Alias, timm name or tv:name.")
+]
+DataArg = Annotated[
+    Path, typer.Argument(metavar="DATA", help="Folder of class subfolders (or train/ val/ [test/]).")
+]
+RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="Run folder written by `finetune run`.")]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
 def _echo_json(obj: Any) -> None:
@@ -91,34 +197,47 @@ class WeightsMap(str, Enum):
 
 @app.command()
 def run(
-    data: Annotated[Path, typer.Argument(help="Folder of class subfolders (or train/ val/ [test/]).")],
+    data: DataArg,
     strategy: Annotated[
         str,
         typer.Option(
-            "--strategy", "-s", help="linear-probe | stage-probe | partial-finetune | full-finetune | auto"
+            "--strategy",
+            "-s",
+            metavar="NAME",
+            help="linear-probe | stage-probe | partial-finetune | full-finetune | auto",
         ),
     ] = "linear-probe",
-    backbone: Annotated[str, typer.Option("--backbone", "-b", help="Alias, timm name or tv:name.")] = "lite0",
+    backbone: BackboneOpt = "lite0",
     head: Annotated[Head | None, typer.Option(help="Probe head (overrides the recipe).")] = None,
-    recipe: Annotated[Path | None, typer.Option("--recipe", help="A recipe TOML file of your own.")] = None,
-    set_: Annotated[list[str] | None, typer.Option("--set", help="Override a recipe key: key=value.")] = None,
-    weights: Annotated[Path | None, typer.Option(help="Weights file (.safetensors or state dict).")] = None,
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", metavar="FILE", help="A recipe TOML file of your own.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a recipe key (see `finetune recipes --keys`)."
+        ),
+    ] = None,
+    weights: WeightsOpt = None,
     weights_map: Annotated[
         WeightsMap, typer.Option(help="Match --weights tensors by name or position.")
     ] = WeightsMap.name,
-    no_pretrained: Annotated[
-        bool, typer.Option("--no-pretrained", help="Random init (no ImageNet weights).")
-    ] = False,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders go.")] = Path("runs"),
-    val_fraction: Annotated[float, typer.Option(help="Validation share when there is no val/ folder.")] = 0.2,
-    labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores).")] = None,
-    resume: Annotated[Path | None, typer.Option(help="Resume an interrupted fine-tuning run folder.")] = None,
+    pretrained: PretrainedOpt = True,
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FOLDER", help="Where run folders go (not inside DATA).")
+    ] = Path("runs"),
+    val_fraction: ValFractionOpt = 0.2,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    resume: Annotated[
+        Path | None,
+        typer.Option("--resume", metavar="RUN", help="Resume an interrupted fine-tuning run folder."),
+    ] = None,
     compile_: Annotated[
         bool, typer.Option("--compile", help="torch.compile the network (fine-tuning).")
     ] = False,
-    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    seed: SeedOpt = 0,
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
@@ -142,7 +261,7 @@ def run(
         backbone=backbone,
         weights=weights,
         weights_map=weights_map.value,
-        pretrained=not no_pretrained,
+        pretrained=pretrained,
         out=out,
         val_fraction=val_fraction,
         seed=seed,
@@ -163,15 +282,17 @@ def run(
 
 @app.command()
 def predict(
-    paths: Annotated[list[Path], typer.Argument(help="Image files and/or folders.")],
+    paths: Annotated[list[Path], typer.Argument(metavar="IMAGE", help="Image files and/or folders.")],
     run_dir: Annotated[
-        Path | None, typer.Option("--run", help="Run folder (default: newest under runs/).")
+        Path | None, typer.Option("--run", metavar="RUN", help="Run folder (default: newest under runs/).")
     ] = None,
-    top_k: Annotated[int, typer.Option("--top-k", "-k", min=1, help="Classes to show per image.")] = 1,
-    runs_root: Annotated[Path, typer.Option("--runs", help="Where to look for the newest run.")] = Path(
-        "runs"
-    ),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
+    top_k: Annotated[
+        int, typer.Option("--top-k", "-k", metavar="K", min=1, help="Classes to show per image.")
+    ] = 1,
+    runs_root: Annotated[
+        Path, typer.Option("--runs", metavar="FOLDER", help="Where to look for the newest run.")
+    ] = Path("runs"),
+    as_json: JsonOpt = False,
 ) -> None:
     """Classify images with a run's model (ImageNet labels when there is no run).
 
@@ -183,7 +304,7 @@ def predict(
     if as_json:
         _echo_json({"source": result.source, "score_kind": result.score_kind, "rows": result.rows})
         return
-    typer.echo(f"model: {result.source}")
+    typer.echo(f"model: {printable(str(result.source))}")
     for row in result.rows:
         if "error" in row:
             typer.echo(f"{printable(row['path'])}: skipped ({row['error']})")
@@ -197,7 +318,9 @@ def predict(
 
 @app.command()
 def demo(
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where the run folder goes.")] = Path("runs"),
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FOLDER", help="Where the run folder goes.")
+    ] = Path("runs"),
 ) -> None:
     """Linear probe of the packaged backbone on sklearn's handwritten digits, as PNG files.
 
@@ -219,36 +342,29 @@ class Pool(str, Enum):
 
 @app.command("extract-features")
 def extract_features(
-    data: Annotated[
-        Path, typer.Argument(help="Image folder (class folders, split folders, or --labels CSV).")
-    ],
+    data: DataArg,
     layer: Annotated[
-        list[str] | None, typer.Option("--layer", "-l", help="Tap to read (repeatable), e.g. fc6.")
+        list[str] | None,
+        typer.Option("--layer", "-l", metavar="TAP", help="Tap to read (repeatable), e.g. fc6."),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output file: .npz or .safetensors.")] = Path(
-        "features.npz"
-    ),
-    backbone: Annotated[
-        str, typer.Option(help="Backbone name or alias (see `finetune backbones`).")
-    ] = "lite0",
+    out: Annotated[
+        Path, typer.Option("--out", "-o", metavar="FILE", help="Output file: .npz or .safetensors.")
+    ] = Path("features.npz"),
+    backbone: BackboneOpt = "lite0",
     pool: Annotated[Pool, typer.Option(help="Pooling of conv taps; none keeps (C, H, W) maps.")] = Pool.avg,
-    weights: Annotated[Path | None, typer.Option(help="Weights file (.safetensors or state dict).")] = None,
-    pretrained: Annotated[bool, typer.Option(help="--no-pretrained: random init.")] = True,
-    batch_size: Annotated[int, typer.Option(min=1, help="Images per forward.")] = 64,
-    workers: Annotated[
-        int | None, typer.Option(min=0, help="Decoding processes (default: cores - 1).")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, cuda:1, mps.")] = "auto",
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = True,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", min=1, help="Images per forward pass.")
+    ] = 64,
+    workers: WorkersOpt = None,
+    device: DeviceOpt = "auto",
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
-    labels: Annotated[
-        Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")
-    ] = None,
-    val_fraction: Annotated[
-        float, typer.Option(min=0.0, max=0.9, help="Recorded split: validation share.")
-    ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the recorded split.")] = 0,
+    labels: LabelsOpt = None,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
 ) -> None:
     """Write the features of named layers (DeCAF-style) for every image of DATA.
 
@@ -276,7 +392,7 @@ def extract_features(
     if not s.main:  # under torchrun only rank 0 reports
         return
     shapes = ", ".join(f"{t} {'x'.join(map(str, shape))}" for t, shape in s.shapes.items())
-    typer.echo(f"wrote {s.out}: {s.images} images; {shapes}")
+    typer.echo(f"wrote {printable(str(s.out))}: {s.images} images; {shapes}")
     typer.echo(
         f"{s.seconds:.1f} s, {s.images / max(s.seconds, 1e-9):.0f} img/s ({s.engine}); "
         f"cache hits {s.cache_hits}; skipped {len(s.skipped)}"
@@ -285,17 +401,27 @@ def extract_features(
 
 @app.command()
 def probe(
-    file: Annotated[Path, typer.Argument(help="A features file written by extract-features.")],
+    file: Annotated[
+        Path, typer.Argument(metavar="FILE", help="A features file written by extract-features.")
+    ],
     layer: Annotated[
-        list[str] | None, typer.Option("--layer", "-l", help="Layer(s) to probe (default: all).")
+        list[str] | None,
+        typer.Option("--layer", "-l", metavar="TAP", help="Layer(s) to probe (default: all)."),
     ] = None,
-    head: Annotated[list[Head] | None, typer.Option(help="logreg and/or svm (default: both).")] = None,
-    repeats: Annotated[int, typer.Option(min=1, help="Seeded stratified splits to average over.")] = 5,
+    head: Annotated[
+        list[Head] | None, typer.Option(metavar="HEAD", help="logreg and/or svm, repeatable (default: both).")
+    ] = None,
+    repeats: Annotated[
+        int, typer.Option(metavar="N", min=1, help="Seeded stratified splits to average over.")
+    ] = 5,
     val_fraction: Annotated[
-        float, typer.Option(min=0.05, max=0.9, help="Validation share of each split.")
+        float,
+        typer.Option(
+            "--val-fraction", metavar="F", min=0.05, max=0.9, help="Validation share of each split."
+        ),
     ] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the first split.")] = 0,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
+    seed: SeedOpt = 0,
+    as_json: JsonOpt = False,
 ) -> None:
     """Linear heads on saved features: layer x head table, accuracy mean ± std over splits.
 
@@ -323,9 +449,7 @@ app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
-def cache_info_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
-) -> None:
+def cache_info_cmd(as_json: JsonOpt = False) -> None:
     """Where the cache is and what it holds (one row per model x tap).
 
     Example: finetune cache info --json
@@ -337,7 +461,7 @@ def cache_info_cmd(
     if as_json:
         _echo_json({"root": str(cache_root()), "sets": rows, "other": parts})
         return
-    typer.echo(f"cache: {cache_root()}")
+    typer.echo(f"cache: {printable(str(cache_root()))}")
     for r in rows:
         typer.echo(
             f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images "
@@ -366,14 +490,21 @@ def cache_clear_cmd() -> None:
 
 @app.command()
 def evaluate(
-    run_dir: Annotated[Path, typer.Argument(metavar="RUN", help="Run folder written by `finetune run`.")],
+    run_dir: RunArg,
     data: Annotated[Path, typer.Argument(metavar="DATA", help="Held-out images in class folders.")],
-    out: Annotated[Path | None, typer.Option("--out", "-o", help="Default: RUN/eval-<DATA name>/.")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable metrics on stdout.")] = False,
-    labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda | cuda:N | mps")] = "auto",
-    workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out", "-o", metavar="FOLDER", help="Default: RUN/eval-<DATA name>/ (not inside DATA)."
+        ),
+    ] = None,
+    as_json: JsonOpt = False,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    batch_size: Annotated[
+        int, typer.Option("--batch-size", metavar="N", min=1, help="Images per forward pass.")
+    ] = 64,
 ) -> None:
     """Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures of a run on a held-out folder.
 
@@ -402,17 +533,24 @@ def evaluate(
 
 @app.command()
 def summary(
-    backbones: Annotated[list[str], typer.Argument(help="Backbone name(s): alias, timm name or tv:name.")],
+    backbones: Annotated[
+        list[str],
+        typer.Argument(metavar="BACKBONE", help="Backbone name(s): alias, timm name or tv:name."),
+    ],
     input_size: Annotated[
-        int | None, typer.Option("--input-size", "-i", min=1, help="Input side (default: the weights').")
+        int | None,
+        typer.Option("--input-size", "-i", metavar="PX", min=1, help="Input side (default: the weights')."),
     ] = None,
     depth: Annotated[
-        int | None, typer.Option("--depth", "-d", min=0, help="Fold rows to K name levels; 0: per stage.")
+        int | None,
+        typer.Option("--depth", "-d", metavar="K", min=0, help="Fold rows to K name levels; 0: per stage."),
     ] = None,
     strategy: Annotated[
-        str, typer.Option("--strategy", "-s", help="Recipe deciding the train column.")
+        str, typer.Option("--strategy", "-s", metavar="NAME", help="Recipe deciding the train column.")
     ] = "linear-probe",
-    csv_file: Annotated[Path | None, typer.Option("--csv", help="Also write the rows to this CSV.")] = None,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", metavar="FILE", help="Also write the rows to this CSV.")
+    ] = None,
     compare: Annotated[
         bool, typer.Option("--compare", help="One line per backbone: params, MACs, memory, top-1/top-5.")
     ] = False,
@@ -444,12 +582,12 @@ class DecoderName(str, Enum):
 
 @app.command()
 def check(
-    data: Annotated[Path, typer.Argument(help="Folder of class subfolders (or train/ val/ [test/]).")],
-    labels: Annotated[Path | None, typer.Option(help="CSV of path,label (paths relative to DATA).")] = None,
-    val_fraction: Annotated[float, typer.Option(help="Validation share when there is no val/ folder.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the validation split.")] = 0,
+    data: DataArg,
+    labels: LabelsOpt = None,
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
     decoder: Annotated[DecoderName | None, typer.Option(help="fast or pil (default: as extraction).")] = None,
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
     """Report what a run would do with DATA: classes, skipped files and why, duplicates. Trains nothing.
 
@@ -476,14 +614,13 @@ def check(
 
 @app.command()
 def advise(
-    data: Annotated[Path, typer.Argument(help="Image folder to measure.")],
-    backbone: Annotated[str, typer.Option(help="ImageNet-pretrained backbone to measure with.")] = "lite0",
-    sample: Annotated[int, typer.Option(min=8, help="Images to measure familiarity on.")] = 256,
-    labels: Annotated[
-        Path | None, typer.Option(help="CSV of path,label[,split] instead of class folders.")
-    ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable advice.")] = False,
+    data: DataArg,
+    backbone: BackboneOpt = "lite0",
+    sample: Annotated[int, typer.Option(metavar="N", min=8, help="Images to measure familiarity on.")] = 256,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
 
@@ -493,27 +630,36 @@ def advise(
     from finetune.app.advise import format_advice
     from finetune.data.index import scan
 
-    advice = advise_data(scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample)
+    advice = advise_data(
+        scan(data, labels_csv=labels), backbone=backbone, device=device, workers=workers, sample=sample
+    )
     typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
 
 
 @app.command()
 def compare(
-    data: Annotated[Path, typer.Argument(help="Image folder.")],
+    data: DataArg,
     strategy: Annotated[
         list[str] | None,
-        typer.Option("--strategy", "-s", help="Recipe to include (repeatable; default: all four)."),
+        typer.Option(
+            "--strategy", "-s", metavar="NAME", help="Recipe to include (repeatable; default: all four)."
+        ),
     ] = None,
-    backbone: Annotated[str, typer.Option(help="Backbone name or alias.")] = "lite0",
+    backbone: BackboneOpt = "lite0",
     set_: Annotated[
-        list[str] | None, typer.Option("--set", help="Override for every recipe, key=value.")
+        list[str] | None,
+        typer.Option("--set", metavar="KEY=VALUE", help="Override for the recipes that use the key."),
     ] = None,
-    out: Annotated[Path, typer.Option("--out", "-o", help="Where run folders and the plot go.")] = Path(
-        "runs"
-    ),
-    val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share.")] = 0.2,
-    seed: Annotated[int, typer.Option(help="Seed of the shared split.")] = 0,
-    device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out", "-o", metavar="FOLDER", help="Where run folders and the plot go (not inside DATA)."
+        ),
+    ] = Path("runs"),
+    val_fraction: ValFractionOpt = 0.2,
+    seed: SeedOpt = 0,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
 ) -> None:
     """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
 
@@ -532,10 +678,11 @@ def compare(
         val_fraction=val_fraction,
         seed=seed,
         device=device,
+        workers=workers,
     )
     rows, plot = compare_strategies(opts)
     typer.echo(format_rows(rows))
-    typer.echo(f"plot: {plot}")
+    typer.echo(f"plot: {printable(str(plot))}")
 
 
 class ExportFormat(str, Enum):
@@ -545,12 +692,13 @@ class ExportFormat(str, Enum):
 
 @app.command()
 def export(
-    run_dir: Annotated[Path, typer.Argument(help="Run folder.")],
+    run_dir: RunArg,
     fmt: Annotated[
         ExportFormat, typer.Option("--format", "-f", help="onnx or pt2 (torch.export).")
     ] = ExportFormat.onnx,
     out: Annotated[
-        Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model.FORMAT).")
+        Path | None,
+        typer.Option("--out", "-o", metavar="FILE", help="Model file (default RUN/export/model.FORMAT)."),
     ] = None,
 ) -> None:
     """Write a run's model as a standalone ONNX or torch.export file, with a JSON of its preprocessing.
@@ -560,13 +708,15 @@ def export(
     from finetune.app.export import export_run
 
     path = export_run(run_dir, fmt.value, out)
-    typer.echo(f"wrote {path} and {path.with_suffix('.json')}")
+    typer.echo(f"wrote {printable(str(path))} and {printable(str(path.with_suffix('.json')))}")
 
 
 @app.command("runs")
 def runs_cmd(
-    out: Annotated[Path, typer.Option("--runs", help="Folder holding run folders.")] = Path("runs"),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
+    out: Annotated[Path, typer.Option("--runs", metavar="FOLDER", help="Folder holding run folders.")] = Path(
+        "runs"
+    ),
+    as_json: JsonOpt = False,
 ) -> None:
     """List past runs, newest first, with their headline accuracy.
 
@@ -579,25 +729,40 @@ def runs_cmd(
         _echo_json(rows)
         return
     if not rows:
-        typer.echo(f"no runs under {out}; make one with `finetune run DATA` or `finetune demo`")
+        typer.echo(
+            f"no runs under {printable(str(out))}; make one with `finetune run DATA` or `finetune demo`"
+        )
         return
     typer.echo(f"{'run':<48}{'strategy':<18}{'tap':<8}{'accuracy':>9}{'seconds':>9}")
     for r in rows:
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        typer.echo(f"{r['run']:<48}{r['strategy']:<18}{r['tap']:<8}{acc:>9}{secs:>9}")
+        name, strategy, tap = (printable(str(r[k])) for k in ("run", "strategy", "tap"))
+        line = f"{name:<48}{strategy:<18}{tap:<8}{acc:>9}{secs:>9}"
+        typer.echo(line + (f"  damaged: {printable(r['damaged'])}" if r.get("damaged") else ""))
 
 
 @app.command("recipes")
 def recipes_cmd(
-    as_json: Annotated[bool, typer.Option("--json", help="Full resolved recipes.")] = False,
+    as_json: JsonOpt = False,
+    keys: Annotated[
+        bool, typer.Option("--keys", help="The keys --set takes, and which recipes use each.")
+    ] = False,
 ) -> None:
     """List the packaged recipes (the four cells of the transfer-learning table) and their key settings.
 
-    Example: finetune recipes
+    Example: finetune recipes --keys
     """
-    from finetune.recipes import packaged_recipes
+    from finetune.recipes import key_table, packaged_recipes
 
+    if keys:
+        rows = key_table()
+        if as_json:
+            _echo_json(rows)
+            return
+        for r in rows:
+            typer.echo(f"{r['key']:<17}{r['type']:<25}{', '.join(r['methods']):<17}{r['default']}")
+        return
     recipes = packaged_recipes()
     if as_json:
         _echo_json([r.to_dict() for r in recipes])
@@ -620,10 +785,14 @@ def recipes_cmd(
 
 @app.command("backbones")
 def backbones_cmd(
-    name: Annotated[str | None, typer.Argument(help="Alias, timm name or tv:name (default: table).")] = None,
+    name: Annotated[
+        str | None, typer.Argument(metavar="BACKBONE", help="Alias, timm name or tv:name (default: table).")
+    ] = None,
     taps: Annotated[bool, typer.Option("--taps", help="Named taps with their output shapes.")] = False,
     stages: Annotated[bool, typer.Option("--stages", help="Stages, bottom to top, with sizes.")] = False,
-    input_size: Annotated[int | None, typer.Option(min=8, help="Input size for --taps shapes.")] = None,
+    input_size: Annotated[
+        int | None, typer.Option("--input-size", metavar="PX", min=8, help="Input size for --taps shapes.")
+    ] = None,
 ) -> None:
     """The catalogue: aliases, families, parameters, input size and weights status; or one backbone.
 

@@ -15,7 +15,10 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import re
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib import resources
 from importlib.resources.abc import Traversable
@@ -42,6 +45,40 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "pool": ("avg", "max"),
     "layer": (),  # free text: a tap name
 }
+
+
+# Which keys each method reads: a key the chosen recipe does not use is refused when given on the
+# command line (`--set epochs=3` on a probe, `--head svm` on a fine-tune), never silently ignored.
+COMMON_KEYS = frozenset({"name", "description", "method", "batch_size", "image_size", "seed"})
+KEYS_BY_METHOD: dict[str, frozenset[str]] = {
+    "probe": COMMON_KEYS | {"head", "c_grid", "layer", "pool"},
+    "finetune": COMMON_KEYS
+    | {
+        "epochs",
+        "optimizer",
+        "lr",
+        "momentum",
+        "weight_decay",
+        "schedule",
+        "warmup_epochs",
+        "lr_mult",
+        "top_stages",
+        "middle_stages",
+        "bn_policy",
+        "augment",
+        "augment_scale",
+        "label_smoothing",
+        "balance",
+        "patience",
+        "init_head",
+        "grad_clip",
+        "c_grid",  # the LP-FT head's C grid (init_head = "probe")
+    },
+}
+MAX_LR = 10.0  # no optimizer of this tool trains at a larger base LR; 1e30 is a typo, not a setting
+MAX_SEED = 2**32 - 1  # numpy's and scikit-learn's seeds are 32-bit
+# A recipe name is part of the run folder's name: one path component, no separators, no "..".
+SAFE_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.+-]{0,63}")
 
 
 def recipes_dir() -> Traversable:
@@ -98,6 +135,16 @@ class Recipe:
     def is_probe(self) -> bool:
         return self.method == "probe"
 
+    @property
+    def keys(self) -> frozenset[str]:
+        """The keys this recipe's method reads (`lr_mult.*` counts as `lr_mult`)."""
+        return KEYS_BY_METHOD[self.method]
+
+    @property
+    def selects_on_val(self) -> bool:
+        """True when the validation split chooses the saved model (fine-tuning keeps its best epoch)."""
+        return self.method == "finetune"
+
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["c_grid"] = list(self.c_grid)
@@ -136,6 +183,7 @@ _INT = {
     "image_size",
     "seed",
 }
+_POSITIVE_INT = {"epochs", "batch_size"}
 _BOOL = {"augment"}
 _STR = {"name", "description"} | set(CHOICES)
 
@@ -161,30 +209,46 @@ def _check(key: str, value: Any) -> Any:
     if key in _INT:
         if isinstance(value, bool) or not isinstance(value, int):
             raise bad("an integer")
-        if value < 0 or (key in ("batch_size",) and value < 1):
-            raise bad("a positive integer" if key == "batch_size" else "an integer >= 0")
+        if key in _POSITIVE_INT and value < 1:
+            raise bad("an integer >= 1")
+        if value < 0:
+            raise bad("an integer >= 0")
+        if key == "seed" and value > MAX_SEED:
+            raise bad(f"an integer from 0 to {MAX_SEED}")
         return value
     if key in _FLOAT:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise bad("a number")
-        if key == "lr" and value <= 0:
-            raise bad("a positive number")
+        if not math.isfinite(value):
+            raise bad("a finite number")
+        if key == "lr" and not 0 < value <= MAX_LR:
+            raise bad(f"a positive number up to {MAX_LR:g}")
         if value < 0:
             raise bad("a number >= 0")
-        if key in ("label_smoothing", "momentum", "augment_scale") and value >= 1:
+        if key in ("label_smoothing", "momentum") and value >= 1:
             raise bad("a number in [0, 1)")
+        if key == "augment_scale" and not 0 < value <= 1:
+            raise bad("a number in (0, 1]")
         return float(value)
     if key == "c_grid":
         if (
             not isinstance(value, list)
             or not value
-            or not all(isinstance(c, (int, float)) and not isinstance(c, bool) and c > 0 for c in value)
+            or not all(
+                isinstance(c, (int, float)) and not isinstance(c, bool) and math.isfinite(c) and c > 0
+                for c in value
+            )
         ):
-            raise bad("a non-empty list of positive numbers")
+            raise bad("a non-empty list of positive finite numbers")
         return tuple(float(c) for c in value)
     if key in _STR:
         if not isinstance(value, str):
             raise bad("a string")
+        if key == "name" and not SAFE_NAME.fullmatch(value):
+            raise RecipeError(
+                f"recipe name {value!r} cannot name a run folder",
+                "use letters, digits and . _ + - (one name, no / or spaces), e.g. --set name=my-probe",
+            )
         allowed = CHOICES.get(key)
         if allowed and value not in allowed:
             raise RecipeError(f"recipe key {key!r} is {value!r}", f"choose one of {', '.join(allowed)}")
@@ -193,7 +257,7 @@ def _check(key: str, value: Any) -> Any:
 
 
 def _check_mult(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < math.inf:
         raise RecipeError(
             f"recipe key 'lr_mult.{key}' must be a number >= 0, got {value!r}", "0 freezes the group"
         )
@@ -250,8 +314,14 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
 
 
 def read_toml(path: Path | Traversable) -> dict[str, Any]:
+    """The TOML table of a recipe file (UTF-8, with or without a byte-order mark)."""
     try:
-        return tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
+    except UnicodeDecodeError as err:
+        raise RecipeError(
+            f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+            "save it as UTF-8",
+        ) from None
     except tomllib.TOMLDecodeError as err:
         raise RecipeError(f"recipe {path} is not valid TOML: {err}", "fix the file") from None
     except OSError as err:
@@ -262,10 +332,44 @@ def list_recipes() -> list[str]:
     return sorted(f.name[: -len(".toml")] for f in recipes_dir().iterdir() if f.name.endswith(".toml"))
 
 
+def override_keys(overrides: Sequence[str]) -> list[str]:
+    """The top-level recipe keys that `--set` items name ('lr_mult.top=0.1' -> 'lr_mult')."""
+    return list(dict.fromkeys(parse_override(item)[0][0] for item in overrides))
+
+
+def check_used(recipe: Recipe, keys: Sequence[str]) -> None:
+    """Refuse settings that `recipe`'s method would silently ignore (`--set epochs=3` on a probe)."""
+    unused = [k for k in keys if k not in recipe.keys]
+    if unused:
+        users = [s for s in STRATEGIES if all(k in KEYS_BY_METHOD[_METHOD_OF[s]] for k in unused)]
+        flags = ", ".join(f"--set {k}" + (" / --head" if k == "head" else "") for k in unused)
+        does = "fits a head on frozen features" if recipe.is_probe else "fine-tunes the network"
+        raise RecipeError(
+            f"{flags}: not used by the {recipe.name} recipe, which {does}",
+            f"drop it, or choose a recipe that uses it ({', '.join(users) or 'none does'})",
+        )
+
+
+_METHOD_OF = {"linear-probe": "probe", "stage-probe": "probe", "partial-finetune": "finetune"}
+_METHOD_OF["full-finetune"] = "finetune"
+
+
+def _default_name(path: Path | Traversable) -> str:
+    """A recipe file's name as a run-folder-safe default (`my recipe.toml` -> `my-recipe`)."""
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", path.name.removesuffix(".toml")).strip(".-")[:64]
+    return name or "custom"
+
+
 def load_recipe(
-    strategy: str | None = "linear-probe", recipe_file: str | Path | None = None, overrides: list[str] = ()
+    strategy: str | None = "linear-probe",
+    recipe_file: str | Path | None = None,
+    overrides: Sequence[str] = (),
+    strict: bool = True,
 ) -> Recipe:
-    """The packaged recipe `strategy` (or a user's TOML file) with `--set` overrides applied."""
+    """The packaged recipe `strategy` (or a user's TOML file) with `--set` overrides applied.
+
+    `strict`: refuse overrides of keys the recipe's method does not use (`check_used`).
+    """
     if recipe_file is not None:
         path = Path(recipe_file)
         if not path.is_file():
@@ -278,8 +382,11 @@ def load_recipe(
             hint = f"did you mean {close[0]}?" if close else f"choose one of {', '.join(known)}, or auto"
             raise RecipeError(f"unknown strategy {strategy!r}", hint)
     raw = apply_overrides(read_toml(path), list(overrides))
-    raw.setdefault("name", path.name.removesuffix(".toml"))
-    return recipe_from_dict(raw)
+    raw.setdefault("name", _default_name(path))
+    recipe = recipe_from_dict(raw)
+    if strict:
+        check_used(recipe, override_keys(overrides))
+    return recipe
 
 
 # --------------------------------------------------------------------------- parameter groups
@@ -302,3 +409,57 @@ def stage_roles(n_stages: int, recipe: Recipe) -> list[str]:
 def packaged_recipes() -> list[Recipe]:
     """The packaged recipes, in the order of the transfer-learning table."""
     return [load_recipe(name) for name in STRATEGIES]
+
+
+def key_table() -> list[dict]:
+    """Every key `--set` takes: type or choices, the methods that use it, its default (`recipes --keys`)."""
+    defaults = Recipe()
+    rows = []
+    for name in _FIELDS:
+        if name == "lr_mult":
+            for m in _MULT_FIELDS_ORDER:
+                rows.append(
+                    {
+                        "key": f"lr_mult.{m}",
+                        "type": "number >= 0",
+                        "methods": ["finetune"],
+                        "default": getattr(defaults.lr_mult, m),
+                    }
+                )
+            continue
+        rows.append(
+            {
+                "key": name,
+                "type": _type_of(name),
+                "methods": [m for m in METHODS if name in KEYS_BY_METHOD[m]],
+                "default": _toml_value(getattr(defaults, name)),
+            }
+        )
+    return rows
+
+
+_MULT_FIELDS_ORDER = [f.name for f in dataclasses.fields(LRMult)]
+
+
+def _type_of(key: str) -> str:
+    if CHOICES.get(key):
+        return " | ".join(CHOICES[key])
+    if key == "lr":
+        return f"number in (0, {MAX_LR:g}]"
+    if key == "seed":
+        return f"integer 0..{MAX_SEED}"
+    if key in _POSITIVE_INT:
+        return "integer >= 1"
+    if key in _INT:
+        return "integer >= 0"
+    if key in ("momentum", "label_smoothing"):
+        return "number in [0, 1)"
+    if key == "augment_scale":
+        return "number in (0, 1]"
+    if key in _FLOAT:
+        return "number >= 0"
+    if key in _BOOL:
+        return "true | false"
+    if key == "c_grid":
+        return "list of numbers > 0"
+    return "text"

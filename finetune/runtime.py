@@ -89,10 +89,44 @@ def stop_distributed() -> None:
         dist.destroy_process_group()
 
 
-def pick_device(device: str = "auto") -> torch.device:
-    """'auto' -> cuda, then mps, then cpu; anything else as given."""
+def check_device(device: str) -> str:
+    """`device` if this machine has it, normalized; else a FinetuneError naming what it has.
+
+    Called at the start of every command that takes --device, before any work. "auto" and
+    "cpu" import nothing (a fully cached probe never imports torch); cuda and mps ask torch.
+    """
+    import re
+
+    from finetune.errors import FinetuneError
+
+    name = str(device).strip().lower()
+    if name in ("auto", "cpu"):
+        return name
+    cuda = re.fullmatch(r"cuda(?::(\d+))?", name)
+    if cuda is None and name != "mps":
+        raise FinetuneError(f"unknown --device {device!r}", "choose auto, cpu, cuda, cuda:N or mps")
     import torch
 
+    if name == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise FinetuneError("--device mps: this machine has no Apple GPU", "use --device cpu or auto")
+        return name
+    if not torch.cuda.is_available():
+        raise FinetuneError(f"--device {name}: this machine has no CUDA device", "use --device cpu or auto")
+    count, wanted = torch.cuda.device_count(), int(cuda.group(1) or 0)
+    if wanted >= count:
+        raise FinetuneError(
+            f"--device {name}: this machine has {count} CUDA device(s)",
+            f"use --device cuda:0{f' .. cuda:{count - 1}' if count > 1 else ''}, cpu or auto",
+        )
+    return name
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """'auto' -> cuda, then mps, then cpu; anything else as given (checked by `check_device`)."""
+    import torch
+
+    device = check_device(device) if isinstance(device, str) else device
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")

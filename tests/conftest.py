@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -99,18 +100,36 @@ def image_folder(make_folder) -> Path:
 
 
 def tree_digest(root: Path) -> dict[str, str]:
-    """sha256 of every file and the listing of every folder under root (symlinks by target text)."""
+    """sha256 of every file and the listing of every folder under root (symlinks by target text).
+
+    Walks without recursion (a test tree may be 1,200 folders deep), and never follows links.
+    """
     out = {}
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+    stack = [os.fspath(root)]
+    while stack:
+        dirpath = stack.pop()
         rel = os.path.relpath(dirpath, root)
-        out[f"dir:{rel}"] = "|".join(sorted(dirnames + filenames))
-        for f in filenames:
-            p = os.path.join(dirpath, f)
-            if os.path.islink(p):
-                out[f"link:{rel}/{f}"] = os.readlink(p)
-            else:
-                out[f"file:{rel}/{f}"] = hashlib.sha256(Path(p).read_bytes()).hexdigest()
+        with os.scandir(dirpath) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        out[f"dir:{rel}"] = "|".join(e.name for e in entries)
+        for e in entries:
+            if e.is_symlink():
+                out[f"link:{rel}/{e.name}"] = os.readlink(e.path)
+            elif e.is_dir():
+                stack.append(e.path)
+            elif e.is_file():
+                out[f"file:{rel}/{e.name}"] = hashlib.sha256(Path(e.path).read_bytes()).hexdigest()
+            else:  # a pipe or socket: its type is its content
+                out[f"other:{rel}/{e.name}"] = str(os.lstat(e.path).st_mode)
     return out
+
+
+@contextmanager
+def unchanged(root: Path):
+    """`with unchanged(data): invoke(...)`: the DATA tree hashes the same before and after."""
+    before = tree_digest(root)
+    yield
+    assert tree_digest(root) == before, f"{root} changed"
 
 
 @pytest.fixture

@@ -21,6 +21,7 @@ digits 0.16-0.24. Threshold: 0.35 (below: "different from ImageNet").
 from __future__ import annotations
 
 import logging
+import shlex
 import statistics
 from dataclasses import asdict, dataclass
 
@@ -141,8 +142,12 @@ def advise(
     `weights_file`, `weights_map`: as `run --weights`, so auto measures the network it will train.
     """
     from finetune.data.loader import default_workers
+    from finetune.features.cache import cache_writable
     from finetune.models.backbone import open_backbone
+    from finetune.runtime import check_device
 
+    device = check_device(device)
+    cache = cache and cache_writable()
     bb = open_backbone(backbone, weights_file=weights_file, weights_map=weights_map, cards=cache)
     if bb.weights.source == "random":
         raise BackboneError(
@@ -169,7 +174,8 @@ def advise(
         f"{'similar to' if near else 'different from'} ImageNet "
         f"(familiarity {fam:.2f} {'>=' if near else '<'} {familiarity_threshold})"
     )
-    command = f"finetune run {index.root} --backbone {backbone} --strategy {strategy}"
+    # A command to paste into a shell: every part quoted as the shell needs (spaces, $, ;, quotes).
+    command = shlex.join(["finetune", "run", str(index.root), "--backbone", backbone, "--strategy", strategy])
     return Advice(strategy, reason, command, per_class, fam, data_threshold, familiarity_threshold, n)
 
 

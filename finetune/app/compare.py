@@ -56,15 +56,39 @@ def throughput(metrics: dict) -> float:
     return float(metrics.get("timing", {}).get("extract_img_per_s", 0.0))
 
 
+def applicable_overrides(strategy: str, overrides: tuple[str, ...]) -> tuple[str, ...]:
+    """The `--set` items `strategy`'s recipe uses (`--set epochs=5` is for the fine-tunes only).
+
+    A bad name or value fails here, before any work.
+    """
+    from finetune.recipes import load_recipe, parse_override
+
+    recipe = load_recipe(strategy, None, overrides, strict=False)
+    return tuple(o for o in overrides if parse_override(o)[0][0] in recipe.keys)
+
+
 def compare(opts: CompareOptions) -> tuple[list[CompareRow], Path]:
     """Run every strategy; write compare.json and compare.png under `opts.out`; return the rows."""
     from finetune.app.pipeline import run
+    from finetune.data.places import outside_data, writable_place
+    from finetune.errors import RecipeError
     from finetune.io import write_json
     from finetune.method import RunOptions
-    from finetune.recipes import load_recipe
+    from finetune.recipes import override_keys
+    from finetune.runtime import check_device
 
-    for s in opts.strategies:
-        load_recipe(s, None, opts.overrides)  # a bad name or --set fails before any work
+    check_device(opts.device)
+    writable_place(outside_data(opts.out, opts.data))
+    overrides = {s: applicable_overrides(s, opts.overrides) for s in opts.strategies}
+    for key in override_keys(opts.overrides):
+        users = [s for s, items in overrides.items() if key in override_keys(items)]
+        if not users:
+            raise RecipeError(
+                f"--set {key}: not used by any of {', '.join(opts.strategies)}",
+                "drop it, or add a recipe that uses it",
+            )
+        if len(users) < len(opts.strategies):
+            log.info(f"--set {key} applies to {', '.join(users)} only")
     rows: list[CompareRow] = []
     for s in opts.strategies:
         log.info(f"compare: {s}")
@@ -74,7 +98,7 @@ def compare(opts: CompareOptions) -> tuple[list[CompareRow], Path]:
                 data=opts.data,
                 strategy=s,
                 backbone=opts.backbone,
-                overrides=opts.overrides,
+                overrides=overrides[s],
                 out=opts.out,
                 val_fraction=opts.val_fraction,
                 seed=opts.seed,

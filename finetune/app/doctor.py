@@ -21,26 +21,8 @@ from pathlib import Path
 
 from finetune.console import printable
 from finetune.data.decode import ImageError, get_decoder
-from finetune.data.index import DatasetIndex, Problem, scan
-from finetune.io import sha256_file
-
-
-@dataclass(frozen=True)
-class Duplicate:
-    """Files with identical bytes. Across splits they leak validation images into training."""
-
-    sha256: str
-    paths: tuple[str, ...]
-    splits: tuple[str, ...]  # one per path
-    classes: tuple[str, ...]  # one per path
-
-    @property
-    def crosses_splits(self) -> bool:
-        return len(set(self.splits)) > 1
-
-    @property
-    def conflicting_labels(self) -> bool:
-        return len(set(self.classes)) > 1
+from finetune.data.duplicates import Duplicate, find_duplicates
+from finetune.data.index import Problem, scan
 
 
 @dataclass(frozen=True)
@@ -77,16 +59,7 @@ class DataReport:
             "skipped": [{"path": p.path, "reason": p.reason} for p in self.skipped],
             "ignored": [{"path": p.path, "reason": p.reason} for p in self.ignored],
             "warnings": list(self.warnings),
-            "duplicates": [
-                {
-                    "sha256": d.sha256,
-                    "paths": list(d.paths),
-                    "splits": list(d.splits),
-                    "classes": list(d.classes),
-                    "crosses_splits": d.crosses_splits,
-                }
-                for d in self.duplicates
-            ],
+            "duplicates": [d.to_dict() for d in self.duplicates],
         }
 
     def lines(self) -> list[str]:
@@ -116,24 +89,6 @@ class DataReport:
             f"{n_dup} duplicate group(s) ({len(self.leaks)} across splits)"
         )
         return out
-
-
-def find_duplicates(index: DatasetIndex, positions: list[int]) -> tuple[Duplicate, ...]:
-    """Groups of positions whose files have the same sha256, in path order."""
-    by_hash: dict[str, list[int]] = {}
-    for i in positions:
-        by_hash.setdefault(sha256_file(index.absolute(i)), []).append(i)
-    groups = [
-        Duplicate(
-            sha,
-            tuple(index.paths[i] for i in members),
-            tuple(index.splits[i] for i in members),
-            tuple(index.classes[index.labels[i]] for i in members),
-        )
-        for sha, members in by_hash.items()
-        if len(members) > 1
-    ]
-    return tuple(sorted(groups, key=lambda d: d.paths))
 
 
 def check(

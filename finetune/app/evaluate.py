@@ -131,8 +131,9 @@ def evaluate_run(
     from finetune.app.runfolder import load_run, read_config
     from finetune.data.index import scan
     from finetune.features.extract import extract
-    from finetune.runtime import pick_device
+    from finetune.runtime import check_device, pick_device
 
+    device = check_device(device)  # before any work: a device this machine lacks is one line
     config = read_config(run_dir)
     index = scan(data, labels_csv=labels_csv, for_training=False)  # every image, any class count
     out_dir = Path(out) if out is not None else default_out(run_dir, index.root)
@@ -212,7 +213,7 @@ def _write(ev: Evaluation, index, y_true, y_pred, confidence, class_names: list[
     out.mkdir(parents=True, exist_ok=True)
 
     def figure(name: str, svg: str) -> None:
-        blob = svg.encode("utf-8")
+        blob = svg.encode("utf-8", "replace")  # a non-UTF-8 class name: "?"
         atomic_write(out / f"{name}.svg", lambda fh: fh.write(blob))
         ev.files[name] = out / f"{name}.svg"
 

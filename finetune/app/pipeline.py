@@ -10,7 +10,11 @@ fine-tuning loop of `train/`); each returns a `method.Outcome`, so everything af
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
+import errno
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -18,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.data.index import DatasetIndex, scan
+from finetune.errors import BackboneError, FinetuneError, RecipeError, RunError
 from finetune.method import Outcome, RunContext, RunOptions
-from finetune.recipes import load_recipe
+from finetune.recipes import load_recipe, override_keys
 
 log = logging.getLogger(__name__)
 
@@ -73,29 +78,88 @@ def resolve_strategy(opts: RunOptions, index: DatasetIndex) -> tuple[str, dict]:
     return advice.strategy, advice.to_dict()
 
 
+def check_options(opts: RunOptions) -> RunOptions:
+    """Refuse impossible settings before any work: the device, numbers out of range, options the
+    recipe would ignore, an output folder inside DATA or not writable, an image size the backbone
+    cannot take. Returns `opts` with the cache turned off when it cannot be written (said once).
+    """
+    from finetune.data.places import outside_data, writable_place
+    from finetune.features.cache import cache_writable
+    from finetune.models.catalogue import ALIASES
+    from finetune.recipes import MAX_SEED
+    from finetune.runtime import check_device
+
+    device = check_device(opts.device)
+    if opts.workers is not None and opts.workers < 0:
+        raise FinetuneError(f"--workers {opts.workers} is negative", "use 0 (decode in this process) or more")
+    if not 0 <= opts.seed <= MAX_SEED:
+        raise FinetuneError(f"--seed {opts.seed} is out of range", f"use an integer from 0 to {MAX_SEED}")
+    if opts.weights is None and opts.weights_map != "name":
+        raise FinetuneError("--weights-map applies to a --weights file, and none was given", "drop it")
+    spec = ALIASES.get(opts.backbone.strip())  # (framework names are checked once opened, importing timm)
+    auto = opts.strategy == "auto"  # its recipe is known after `advise`: values are checked now, use then
+    recipe = load_recipe(
+        "linear-probe" if auto else opts.strategy, opts.recipe_file, opts.overrides, not auto
+    )
+    if spec is not None:
+        check_image_size(recipe, spec)
+    if not auto and opts.compile and recipe.is_probe:
+        raise FinetuneError(
+            f"--compile: not used by the {recipe.name} recipe, which runs the network only to extract "
+            "features",
+            "drop --compile, or choose partial-finetune or full-finetune",
+        )
+    if opts.resume is None:
+        outside_data(opts.out, opts.data)
+        writable_place(opts.out)
+    cache = opts.cache and cache_writable()
+    return dataclasses.replace(opts, device=device, cache=cache)
+
+
+def check_image_size(recipe, spec) -> None:
+    """A recipe's `image_size` must be one the backbone accepts (0: the weights' own size)."""
+    if recipe.image_size and recipe.image_size < spec.min_input:
+        raise RecipeError(
+            f"image_size {recipe.image_size} is below what {spec.name} accepts ({spec.min_input} px)",
+            f"use --set image_size={spec.min_input} or more, or 0 for the weights' own size",
+        )
+
+
 def run(opts: RunOptions) -> RunResult:
     """Train and evaluate one model as `opts` say; write and return its run folder.
 
     torch is imported by whatever runs a network: a probe whose features and trunk are all in
     the cache (a re-run) fits its head with numpy/scipy and writes the folder without it.
+    A run that fails leaves no run folder behind (unless it holds a checkpoint to resume).
     """
-    from finetune.app.runfolder import RunConfig, new_run_dir, save_run
-    from finetune.io import versions, write_json
-    from finetune.models.backbone import open_backbone
-    from finetune.runtime import shared_path, start_distributed, stop_distributed
+    from finetune.runtime import start_distributed
 
     started = time.perf_counter()
-    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
     if opts.resume is not None:
         from finetune.train.checkpoint import resume_options
 
         opts = resume_options(opts)  # the interrupted run's own backbone, split and recipe
-    load_recipe(
-        opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides
-    )
+    opts = check_options(opts)
+    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
+    if dist.main:
+        for warning in index.warnings:
+            log.warning(warning)
     strategy, advice = resolve_strategy(opts, index)
-    recipe = load_recipe(strategy, opts.recipe_file, opts.overrides)
+    recipe = load_recipe(strategy, opts.recipe_file, opts.overrides, strict=opts.strategy != "auto")
+    unused = [k for k in override_keys(opts.overrides) if k not in recipe.keys]
+    unused += ["--compile"] if opts.compile and recipe.is_probe else []
+    if unused:  # auto chose a recipe the user could not know: say what it leaves out, once
+        log.warning(f"auto chose {recipe.name}, which does not use {', '.join(unused)}: ignored")
+    return _train_and_save(opts, index, recipe, advice, started, dist)
+
+
+def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: float, dist) -> RunResult:
+    from finetune.app.runfolder import RunConfig, new_run_dir, save_run
+    from finetune.io import versions, write_json
+    from finetune.models.backbone import open_backbone
+    from finetune.runtime import shared_path, stop_distributed
+
     bb = open_backbone(
         opts.backbone,
         pretrained=opts.pretrained,
@@ -104,55 +168,102 @@ def run(opts: RunOptions) -> RunResult:
         cards=opts.cache,
         seed=recipe.seed,
     )
+    check_image_size(recipe, bb.spec)
+    if recipe.is_probe and recipe.layer != "all" and recipe.layer not in bb.tap_names:
+        raise BackboneError(
+            f"--set layer={recipe.layer}: {opts.backbone} has no such tap",
+            f"choose one of {', '.join(bb.tap_names)}, or all (stage-probe)",
+        )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
     # fine-tuning runs DistributedDataParallel (train.py). Rank 0 alone writes the run folder.
+    out_existed = Path(opts.out).exists()
     if opts.resume is not None:
         run_dir = Path(opts.resume)
     else:
         run_dir = shared_path(new_run_dir(opts.out, opts.backbone, recipe.name) if dist.main else None, dist)
-    ctx = RunContext(index, bb, pre, recipe, run_dir, opts)
-    outcome = METHODS[recipe.method](ctx)
-    if not dist.main:
-        stop_distributed()
-        return RunResult(run_dir, outcome.metrics, index, None, dict(ctx.bad), main=False)
+    try:
+        ctx = RunContext(index, bb, pre, recipe, run_dir, opts)
+        outcome = METHODS[recipe.method](ctx)
+        if not dist.main:
+            stop_distributed()
+            return RunResult(run_dir, outcome.metrics, index, None, dict(ctx.bad), main=False)
 
-    metrics = dict(outcome.metrics)
-    metrics["headline"] = "test" if "test" in metrics else "val"
-    metrics["seconds"] = round(time.perf_counter() - started, 3)
-    config = RunConfig(
-        backbone=opts.backbone,
-        model=bb.spec.model,
-        tap=outcome.tap,
-        pool=recipe.pool,
-        class_names=index.classes,
-        preprocessing=pre,
-        strategy=recipe.name,
-        head_kind=outcome.head_kind,
-        weights=bb.weights.to_dict(),
-        recipe=recipe.to_dict(),
-        data={
-            "root": str(index.root),
-            "layout": index.layout,
-            "counts": {s: index.counts(s) for s in ("train", "val", "test") if index.has(s)},
-            "skipped": len(index.problems) + len(ctx.bad),
-            "ignored": len(index.ignored),
-        },
-        versions=versions(),
-        created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-        extra={**outcome.extra, **({"advice": advice} if advice else {})},
-    )
-    save_run(run_dir, outcome.tensors, config)
-    write_json(run_dir / "metrics.json", metrics)
-    write_json(run_dir / "split.json", index.split_dict())
-    report = index.report_dict()
-    report["skipped"] += [{"path": index.paths[i], "reason": r} for i, r in sorted(ctx.bad.items())]
-    write_json(run_dir / "problems.json", report)
-    if outcome.predictions:
-        write_json(run_dir / "predictions.json", outcome.predictions)
+        final = index.without(ctx.bad)  # what was used: split.json, counts and report agree with `check`
+        metrics = dict(outcome.metrics)
+        metrics["headline"] = "test" if "test" in metrics else "val"
+        metrics["headline_label"] = metrics["headline"]
+        if metrics["headline"] == "val" and recipe.selects_on_val:
+            metrics["headline_label"] = "val (used for selection)"
+        metrics["seconds"] = round(time.perf_counter() - started, 3)
+        report = final.report_dict()
+        if final.leaks:
+            line = _leak_warning(final)
+            log.warning(line)
+            report["warnings"].append(line)
+        config = RunConfig(
+            backbone=opts.backbone,
+            model=bb.spec.model,
+            tap=outcome.tap,
+            pool=recipe.pool,
+            class_names=index.classes,
+            preprocessing=pre,
+            strategy=recipe.name,
+            head_kind=outcome.head_kind,
+            weights=bb.weights.to_dict(),
+            recipe=recipe.to_dict(),
+            data={
+                "root": str(index.root),
+                "layout": index.layout,
+                "counts": {s: final.counts(s) for s in ("train", "val", "test") if final.has(s)},
+                "skipped": len(final.problems),
+                "ignored": len(final.ignored),
+            },
+            versions=versions(),
+            created=time.strftime("%Y-%m-%dT%H:%M:%S"),
+            extra={**outcome.extra, **({"advice": advice} if advice else {})},
+        )
+        save_run(run_dir, outcome.tensors, config)
+        write_json(run_dir / "metrics.json", metrics)
+        write_json(run_dir / "split.json", final.split_dict())
+        write_json(run_dir / "problems.json", report)
+        if outcome.predictions:
+            write_json(run_dir / "predictions.json", outcome.predictions)
+    except BaseException as err:
+        if dist.main and opts.resume is None:
+            _discard(run_dir, Path(opts.out), out_existed)
+        if isinstance(err, OSError) and err.errno in _CANNOT_WRITE:
+            raise RunError(
+                f"cannot write the run folder {run_dir}: {err.strerror}",
+                "free some space, or pass -o a folder on another disk",
+            ) from None
+        raise
     stop_distributed()
     _write_report(run_dir)
-    return RunResult(run_dir, metrics, index, config, dict(ctx.bad))
+    return RunResult(run_dir, metrics, final, config, dict(ctx.bad))
+
+
+_CANNOT_WRITE = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
+
+
+def _leak_warning(index: DatasetIndex) -> str:
+    """One line for identical files that sit in more than one of the user's train/val/test."""
+    first = index.leaks[0]
+    example = " = ".join(f"{s}:{p}" for s, p in zip(first.splits, first.paths))
+    return (
+        f"{len(index.leaks)} group(s) of identical files are in more than one split (e.g. {example}): "
+        "validation scores images the model was trained on; list in problems.json"
+    )
+
+
+def _discard(run_dir: Path, out: Path, out_existed: bool) -> None:
+    """Remove the folder of a run that failed, unless it holds a checkpoint `--resume` can use."""
+    if (run_dir / "checkpoint").exists():
+        return
+    shutil.rmtree(run_dir, ignore_errors=True)
+    if not out_existed:
+        with contextlib.suppress(OSError):
+            out.rmdir()  # only if empty: made by this run alone
 
 
 def _write_report(run_dir: Path) -> None:

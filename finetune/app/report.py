@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from finetune.app.figures import confusion_svg, curves_png, mistakes_svg, read_history, reliability_svg
+from finetune.console import printable
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MAX_LISTED_PROBLEMS = 200  # skipped/ignored files shown in the report; the rest
 def _console():
     from rich.console import Console
 
-    return Console(highlight=False, soft_wrap=True)
+    return Console(highlight=False, soft_wrap=True, markup=False)  # a class named "[red]" prints as is
 
 
 def per_class_table(metrics: dict, title: str):
@@ -44,7 +45,11 @@ def per_class_table(metrics: dict, title: str):
         table.add_column(col, justify="left" if col == "class" else "right")
     for name, row in metrics.get("per_class", {}).items():
         table.add_row(
-            name, f"{row['precision']:.3f}", f"{row['recall']:.3f}", f"{row['f1']:.3f}", str(row["support"])
+            printable(name),
+            f"{row['precision']:.3f}",
+            f"{row['recall']:.3f}",
+            f"{row['f1']:.3f}",
+            str(row["support"]),
         )
     return table
 
@@ -63,16 +68,17 @@ def print_run_summary(result: Any) -> None:
     for split in ("val", "test"):
         if split in m and m[split].get("n"):
             s = m[split]
+            label = m.get("headline_label", split) if split == m.get("headline") else split
             console.print(
-                f"{split} accuracy: {s['accuracy']:.4f}  (balanced {s['balanced_accuracy']:.4f}, "
+                f"{label} accuracy: {s['accuracy']:.4f}  (balanced {s['balanced_accuracy']:.4f}, "
                 f"macro-F1 {s['macro_f1']:.4f}, n={s['n']})"
             )
     headline = m.get("headline", "val")
     if headline in m and len(m[headline].get("per_class", {})) <= 50:
-        console.print(per_class_table(m[headline], f"per class ({headline})"))
+        console.print(per_class_table(m[headline], f"per class ({m.get('headline_label', headline)})"))
     if (result.run_dir / REPORT_FILE).is_file():
-        console.print(f"report: {result.run_dir / REPORT_FILE}")
-    console.print(f"run folder: {result.run_dir}")
+        console.print(f"report: {printable(str(result.run_dir / REPORT_FILE))}")
+    console.print(f"run folder: {printable(str(result.run_dir))}")
 
 
 def print_evaluation(ev: Any) -> None:
@@ -139,7 +145,7 @@ def _img(blob: bytes, alt: str, mime: str = "image/png") -> str:
 
 
 def _svg_img(svg: str, alt: str) -> str:
-    return _img(svg.encode("utf-8"), alt, "image/svg+xml")
+    return _img(svg.encode("utf-8", "replace"), alt, "image/svg+xml")
 
 
 def _table(
@@ -169,7 +175,7 @@ def _results_section(metrics: dict, ece: dict[str, float]) -> str:
         if isinstance(m, dict) and m.get("n"):
             rows.append(
                 [
-                    split,
+                    metrics.get("headline_label", split) if split == metrics.get("headline") else split,
                     m["n"],
                     _fmt(m.get("accuracy")),
                     _fmt(m.get("balanced_accuracy")),
@@ -307,7 +313,7 @@ def _split_figures(
     parts = [f"<h3>{_e(split)} split ({len(rows)} images)</h3>", '<div class="figs">']
     cm = confusion_matrix(y_true, y_pred, len(names))  # (K, K)
     svg = confusion_svg(cm, names, f"confusion matrix ({split})")
-    save(f"confusion-{split}.svg", svg.encode("utf-8"))
+    save(f"confusion-{split}.svg", svg.encode("utf-8", "replace"))
     parts.append(_svg_img(svg, f"confusion matrix, {split} split"))
     ece = None
     probabilistic = config.get("head_kind", "logreg") != "svm"
@@ -315,7 +321,7 @@ def _split_figures(
         correct = y_true == y_pred
         ece = calibration_summary(score, correct)["ece"]
         svg = reliability_svg(reliability_bins(score, correct), ece, f"reliability ({split})")
-        save(f"reliability-{split}.svg", svg.encode("utf-8"))
+        save(f"reliability-{split}.svg", svg.encode("utf-8", "replace"))
         parts.append(_svg_img(svg, f"reliability diagram, {split} split"))
     worst = most_confident_mistakes(y_true, y_pred, np.nan_to_num(score, nan=-np.inf))
     parts.append("</div>")
@@ -324,7 +330,7 @@ def _split_figures(
         svg = mistakes_svg(
             [(root / rows[i]["path"], rows[i]) for i in worst], "probability" if probabilistic else "score"
         )
-        save(f"mistakes-{split}.svg", svg.encode("utf-8"))
+        save(f"mistakes-{split}.svg", svg.encode("utf-8", "replace"))
         parts.append(f"<h4>Most confident mistakes ({len(worst)} shown)</h4>")
         parts.append(_svg_img(svg, f"most confident mistakes, {split} split"))
     else:
@@ -430,6 +436,6 @@ def write_report(run_dir: str | Path) -> Path:
     ]
     out = run_dir / REPORT_FILE
     text = "".join(page)
-    atomic_write(out, lambda fh: fh.write(text.encode("utf-8")))
+    atomic_write(out, lambda fh: fh.write(text.encode("utf-8", "replace")))
     log.debug(f"report: {out}")
     return out

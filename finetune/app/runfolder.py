@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,22 +98,32 @@ class RunConfig:
                 created=d.get("created", ""),
                 extra=d.get("extra", {}),
             )
-        except (KeyError, TypeError, ValueError) as err:
+        except KeyError as err:
             raise RunError(
-                f"config.json is incomplete ({err})", "use a run folder written by `finetune run`"
+                f"config.json is incomplete (no {err})", "use a run folder written by `finetune run`"
+            ) from None
+        except (TypeError, ValueError, AttributeError) as err:
+            raise RunError(
+                f"config.json holds a value that cannot work ({err})",
+                "re-run `finetune run`, or undo the edit to config.json",
             ) from None
 
 
 def new_run_dir(out: str | os.PathLike, backbone: str, strategy: str) -> Path:
     """runs/<YYYYmmdd-HHMMSS>-<backbone>-<strategy>/, made unique with a counter."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    safe = backbone.replace("/", "_").replace(":", "-")
-    base = Path(out) / f"{stamp}-{safe}-{strategy}"
+    name = re.sub(r"[^A-Za-z0-9_.+-]+", "-", f"{backbone}-{strategy}".replace(":", "-")).strip(".-")
+    base = Path(out) / f"{stamp}-{name}"
     path, n = base, 1
     while path.exists():
         n += 1
         path = base.with_name(f"{base.name}-{n}")
-    path.mkdir(parents=True)
+    try:
+        path.mkdir(parents=True)
+    except OSError as err:
+        raise RunError(
+            f"cannot make the run folder {path}: {err.strerror}", "pass -o a folder you can write to"
+        ) from None
     return path
 
 
@@ -153,6 +164,18 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
         raise RunError(
             f"{run_dir / CONFIG_FILE} is not valid JSON ({err})", "re-run `finetune run`"
         ) from None
+    except OSError as err:
+        raise RunError(
+            f"cannot read {run_dir / CONFIG_FILE}: {err.strerror}", "check its permissions"
+        ) from None
+    if not isinstance(raw, dict):
+        raise RunError(f"{run_dir / CONFIG_FILE} is not a run's config", "re-run `finetune run`")
+    names = raw.get("class_names")
+    if not isinstance(names, list) or not names or not all(isinstance(c, str) for c in names):
+        raise RunError(
+            f"{run_dir / CONFIG_FILE}: class_names must be a list of class names, got {names!r}",
+            "re-run `finetune run`, or undo the edit to config.json",
+        )
     return RunConfig.from_dict(raw)
 
 
@@ -184,23 +207,42 @@ def load_run(run_dir: str | os.PathLike):
     model = build_model(config)
     try:
         state = load_file(str(run_dir / MODEL_FILE))
-    except (SafetensorError, OSError) as err:
+    except (SafetensorError, OSError, ValueError) as err:
         raise RunError(
             f"{run_dir / MODEL_FILE} is not a valid safetensors file ({err})", "re-run `finetune run`"
         ) from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RunError(
-            f"{run_dir / MODEL_FILE} does not match its config "
-            f"({len(missing)} missing, {len(unexpected)} unexpected)",
-            "re-run `finetune run`",
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [  # a scalar saved as (1,) (BatchNorm's num_batches_tracked from numpy) is the same tensor
+        k
+        for k in own
+        if k in state
+        and tuple(state[k].shape) != tuple(own[k].shape)
+        and not state[k].numel() == own[k].numel() == 1
+    ]
+    if missing or unexpected or wrong:
+        detail = (
+            f"{wrong[0]} is {tuple(state[wrong[0]].shape)} in the file, {tuple(own[wrong[0]].shape)} "
+            f"for {len(config.class_names)} classes of {config.backbone} cut at {config.tap}"
+            if wrong
+            else f"{len(missing)} tensors missing, {len(unexpected)} unexpected for {config.backbone}"
         )
+        raise RunError(
+            f"{run_dir / MODEL_FILE} does not match its config.json ({detail})",
+            "re-run `finetune run`, or undo the edit to config.json",
+        )
+    model.load_state_dict(state, strict=True)
     model.eval()
     return model, EvalTransform(config.preprocessing), list(config.class_names)
 
 
 def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
-    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric."""
+    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric.
+
+    A run whose config.json or metrics.json is damaged is listed too, with `damaged` saying what
+    is wrong (the others are listed as usual).
+    """
     root = Path(out)
     rows = []
     if not root.is_dir():
@@ -208,28 +250,57 @@ def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
     for p in sorted(
         (p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True
     ):
+        row: dict = {
+            "run": p.name,
+            "path": str(p),
+            "backbone": "?",
+            "strategy": "?",
+            "tap": "?",
+            "classes": None,
+            "split": None,
+            "accuracy": None,
+            "seconds": None,
+            "created": "",
+            "damaged": None,
+        }
         try:
             config = read_config(p)
-            metrics = (
-                json.loads((p / "metrics.json").read_text(encoding="utf-8"))
-                if (p / "metrics.json").is_file()
-                else {}
+            row.update(
+                backbone=config.backbone,
+                strategy=config.strategy,
+                tap=config.tap,
+                classes=len(config.class_names),
+                created=config.created,
             )
-        except (RunError, json.JSONDecodeError, OSError):
-            continue  # a damaged folder is not a run to list
-        split = metrics.get("headline", "val")
-        rows.append(
-            {
-                "run": p.name,
-                "path": str(p),
-                "backbone": config.backbone,
-                "strategy": config.strategy,
-                "tap": config.tap,
-                "classes": len(config.class_names),
-                "split": split,
-                "accuracy": metrics.get(split, {}).get("accuracy"),
-                "seconds": metrics.get("seconds"),
-                "created": config.created,
-            }
-        )
+        except RunError as err:
+            row["damaged"] = err.what
+        metrics = _read_metrics(p / "metrics.json")
+        if isinstance(metrics, str):
+            row["damaged"] = row["damaged"] or metrics
+        else:
+            split = metrics.get("headline", "val")
+            block = metrics.get(split) if isinstance(split, str) else None
+            acc = block.get("accuracy") if isinstance(block, dict) else None
+            secs = metrics.get("seconds")
+            row.update(
+                split=split if isinstance(split, str) else None,
+                accuracy=float(acc) if _is_number(acc) else None,
+                seconds=float(secs) if _is_number(secs) else None,
+            )
+        rows.append(row)
     return rows
+
+
+def _read_metrics(path: Path) -> dict | str:
+    """metrics.json as a dict ({} when absent), or what is wrong with it."""
+    if not path.is_file():
+        return {}
+    try:
+        metrics = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as err:
+        return f"metrics.json unreadable ({type(err).__name__})"
+    return metrics if isinstance(metrics, dict) else "metrics.json is not a table of metrics"
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)

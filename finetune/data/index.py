@@ -19,15 +19,17 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import io
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from finetune.data.decode import ImageError, is_image_name, is_litter, probe
+from finetune.data.duplicates import Duplicate, describe, identical_groups
 from finetune.errors import DataError
 
 SPLIT_ALIASES = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
@@ -56,6 +58,7 @@ class DatasetIndex:
     warnings: tuple[str, ...] = ()
     split_seed: int | None = None
     val_fraction: float | None = None
+    duplicates: tuple[Duplicate, ...] = ()  # identical files (for_training scans), with their splits
 
     def indices(self, split: str) -> list[int]:
         return [i for i, s in enumerate(self.splits) if s == split]
@@ -76,6 +79,13 @@ class DatasetIndex:
     def without(self, bad: dict[int, str]) -> DatasetIndex:
         """A copy with the samples at positions `bad` moved to `problems` (decode failures)."""
         keep = [i for i in range(len(self.paths)) if i not in bad]
+        gone = {self.paths[i] for i in bad}
+        dups = []
+        for d in self.duplicates:
+            kept = [j for j, p in enumerate(d.paths) if p not in gone]
+            if len(kept) > 1:
+                parts = [tuple(t[j] for j in kept) for t in (d.paths, d.splits, d.classes)]
+                dups.append(Duplicate(d.sha256, *parts))
         return DatasetIndex(
             root=self.root,
             classes=self.classes,
@@ -88,7 +98,13 @@ class DatasetIndex:
             warnings=self.warnings,
             split_seed=self.split_seed,
             val_fraction=self.val_fraction,
+            duplicates=tuple(dups),
         )
+
+    @property
+    def leaks(self) -> tuple[Duplicate, ...]:
+        """Identical files in more than one of train/val/test."""
+        return tuple(d for d in self.duplicates if d.crosses_splits)
 
     def split_dict(self) -> dict:
         """What `split.json` holds: the relative paths of each split, and how they were made."""
@@ -104,6 +120,7 @@ class DatasetIndex:
             "skipped": [{"path": p.path, "reason": p.reason} for p in self.problems],
             "ignored": [{"path": p.path, "reason": p.reason} for p in self.ignored],
             "warnings": list(self.warnings),
+            "duplicates": [d.to_dict() for d in self.duplicates],
         }
 
 
@@ -132,12 +149,34 @@ def _is_dir(entry: os.DirEntry) -> bool:
         return False
 
 
+def walk(top: str | os.PathLike) -> Iterator[tuple[str, list[str], list[str]]]:
+    """`os.walk(top, followlinks=False)` top-down, sorted, hidden folders skipped, without recursion.
+
+    (os.walk recurses before Python 3.12: a tree 1,200 folders deep raised RecursionError.)
+    Folder links are listed as folders but not entered, as os.walk does.
+    """
+    stack = [os.fspath(top)]
+    while stack:
+        dirpath = stack.pop()
+        try:
+            with os.scandir(dirpath) as it:
+                entries = list(it)
+        except OSError:
+            continue
+        dirs, files = [], []
+        for e in entries:
+            (dirs if _is_dir(e) else files).append(e)
+        dirnames = sorted(e.name for e in dirs if not e.name.startswith("."))
+        yield dirpath, dirnames, sorted(e.name for e in files)
+        real = {e.name for e in dirs if not e.is_symlink()}
+        stack.extend(os.path.join(dirpath, d) for d in reversed(dirnames) if d in real)
+
+
 def _walk_class(folder: Path, root: Path, found: _Found) -> list[str]:
     """Image files under one class folder (recursively, never following directory symlinks)."""
     images: list[str] = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=False):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        for name in sorted(filenames):
+    for dirpath, _, filenames in walk(folder):
+        for name in filenames:
             path = Path(dirpath) / name
             rel = path.relative_to(root).as_posix()
             if is_litter(name):
@@ -182,8 +221,13 @@ def _links_to_ancestor(path: Path) -> bool:
     return target == path.parent.resolve() or target in path.parent.resolve().parents
 
 
-def _detect_splits(root: Path) -> dict[str, Path]:
-    """{'train': path, 'val': path, 'test': path} when the root holds split folders."""
+def _detect_splits(root: Path, for_training: bool = True) -> dict[str, Path]:
+    """{'train': path, 'val': path, 'test': path} when the root holds split folders.
+
+    For training, val/ or test/ holding class folders without a train/ beside them is an error
+    (it would train a classifier of the names "val" and "test"); a folder to evaluate may hold
+    any of them.
+    """
     named = {}
     for entry in _visible_entries(root):
         key = SPLIT_ALIASES.get(entry.name.lower())
@@ -194,22 +238,49 @@ def _detect_splits(root: Path) -> dict[str, Path]:
                     "keep one of val/, valid/, validation/",
                 )
             named[key] = Path(entry.path)
-    return named if "train" in named else {}
+    if "train" not in named:
+        orphans = [named[k] for k in ("val", "test") if k in named and _holds_class_folders(named[k])]
+        if orphans and not for_training:
+            return {k: p for k, p in named.items() if p in orphans}
+        if orphans:
+            names = " and ".join(f"{p.name}/" for p in orphans)
+            raise DataError(
+                f"{root} has {names} but no train/ folder, so there is nothing to train on",
+                f"put the training images in {root / 'train'}/<class>/, or the class folders directly "
+                f"in {root}",
+            )
+        return {}
+    return named
 
 
-def stratified_split(labels: Sequence[int], val_fraction: float, seed: int) -> list[str]:
+def _holds_class_folders(folder: Path) -> bool:
+    """A split folder (val/<class>/...), not a class that happens to be called "val" (val/*.jpg)."""
+    entries = [e for e in _visible_entries(folder) if not is_litter(e.name)]
+    return any(_is_dir(e) for e in entries) and not any(is_image_name(e.name) for e in entries)
+
+
+def stratified_split(
+    labels: Sequence[int], val_fraction: float, seed: int, groups: Sequence[int] | None = None
+) -> list[str]:
     """'train'/'val' per sample: per class max(1, round(f * n)) to val, seeded and reproducible.
 
-    Every class keeps at least one training image, so a class needs two images.
+    `groups` (one id per sample) keeps identical files together: a group is one unit, counted
+    in the class of its first member, and all of it goes to the same split. Every class keeps
+    at least one training unit, so a class needs two.
     """
-    labels_arr = np.asarray(labels)
-    out = ["train"] * len(labels_arr)
+    units: dict[int, list[int]] = {}
+    for i, g in enumerate(range(len(labels)) if groups is None else groups):
+        units.setdefault(int(g), []).append(i)
+    members = list(units.values())  # in order of first appearance
+    unit_labels = np.asarray([labels[m[0]] for m in members])
+    out = ["train"] * len(labels)
     rng = np.random.default_rng(seed)
-    for k in np.unique(labels_arr):
-        members = np.flatnonzero(labels_arr == k)
-        n_val = min(max(1, round(val_fraction * len(members))), len(members) - 1)
-        for i in rng.permutation(members)[:n_val]:
-            out[int(i)] = "val"
+    for k in np.unique(unit_labels):
+        of_k = np.flatnonzero(unit_labels == k)
+        n_val = min(max(1, round(val_fraction * len(of_k))), len(of_k) - 1)
+        for u in rng.permutation(of_k)[:n_val]:
+            for i in members[int(u)]:
+                out[i] = "val"
     return out
 
 
@@ -225,9 +296,13 @@ def scan(
     `for_training=False` indexes a folder to be judged, not learned from (`evaluate`): any
     number of classes and images per class, every split folder kept as it is, nothing split.
 
+    For training, identical files are found (`duplicates`) and kept in one split when the split
+    is made here; an empty val/ falls back to a split of train/ (a warning).
+
     Raises:
         DataError: missing folder, no images; for training also fewer than two classes, a class
-            with one image, or classes in val/test that train lacks.
+            with one image, classes in val/test that train lacks, or val/ and test/ without train/;
+            a labels CSV that is not UTF-8 or names an unknown split.
     """
     root = Path(root).expanduser()
     if not root.exists():
@@ -245,7 +320,7 @@ def scan(
         layout = "csv"
         split_dirs: dict[str, Path] = {}
     else:
-        split_dirs = _detect_splits(root)
+        split_dirs = _detect_splits(root, for_training)
         layout = "split-folders" if split_dirs else "class-folders"
         if split_dirs:
             for name, folder in split_dirs.items():
@@ -257,32 +332,70 @@ def scan(
             _scan_classes(root, root, "all", found)
     if not for_training:
         return _assemble_all(root, layout, found)
-    return _assemble(root, layout, found, val_fraction, seed, has_val="val" in split_dirs)
+    return _assemble(root, layout, found, val_fraction, seed, split_dirs)
+
+
+def _read_csv(csv_path: Path) -> list[tuple[int, list[str]]]:
+    """(line number, cells) of every row that is not empty or a # comment; UTF-8, with or without BOM."""
+    if not csv_path.is_file():
+        raise DataError(f"labels file {csv_path} does not exist", "pass a CSV with rows path,label")
+    try:
+        text = csv_path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise DataError(
+            f"labels file {csv_path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset "
+            f"{err.start})",
+            "save it as UTF-8 (a spreadsheet's 'CSV UTF-8')",
+        ) from None
+    except OSError as err:
+        raise DataError(
+            f"cannot read labels file {csv_path}: {err.strerror}", "check its permissions"
+        ) from None
+    reader = csv.reader(io.StringIO(text, newline=""))
+    rows = []
+    for row in reader:
+        if row and any(c.strip() for c in row) and not row[0].lstrip().startswith("#"):
+            rows.append((reader.line_num, row))
+    if rows and [c.strip().lower() for c in rows[0][1][:2]] == ["path", "label"]:
+        rows = rows[1:]
+    return rows
 
 
 def _scan_csv(csv_path: Path, root: Path, found: _Found) -> None:
-    """Rows `path,label` (paths relative to root); an optional third column names the split."""
-    if not csv_path.is_file():
-        raise DataError(f"labels file {csv_path} does not exist", "pass a CSV with rows path,label")
-    with open(csv_path, newline="", encoding="utf-8") as fh:
-        rows = [r for r in csv.reader(fh) if r and not r[0].startswith("#")]
-    if rows and rows[0][:2] == ["path", "label"]:
-        rows = rows[1:]
-    for line, row in enumerate(rows, start=1):
-        if len(row) < 2:
-            raise DataError(f"{csv_path} row {line} has {len(row)} column(s)", "write each row as path,label")
+    """Rows `path,label` (paths relative to root); an optional third column names the split.
+
+    A row with a split (train, val/valid/validation, test) stays in it; rows without one are
+    split by `scan`. A path listed twice counts once (the first row).
+    """
+    seen: dict[str, int] = {}
+    for line, row in _read_csv(csv_path):
+        if len(row) < 2 or not row[1].strip():
+            raise DataError(f"{csv_path} line {line} has no label", "write each row as path,label[,split]")
         rel, label = row[0].strip(), row[1].strip()
-        split = SPLIT_ALIASES.get(row[2].strip().lower(), "all") if len(row) > 2 else "all"
+        word = row[2].strip().lower() if len(row) > 2 else ""
+        if word and word not in SPLIT_ALIASES:
+            raise DataError(
+                f"{csv_path} line {line}: split {row[2].strip()!r} is not train, val or test",
+                "write train, val (or valid, validation) or test, or leave the column empty",
+            )
+        split = SPLIT_ALIASES.get(word, "all")
         path = (root / rel).resolve()
         if root not in path.parents:
             found.problems.append(Problem(rel, "outside the data folder: not used"))
             continue
+        key = path.relative_to(root).as_posix()
+        if key in seen:
+            found.ignored.append(
+                Problem(rel, f"listed again on line {line}: the row on line {seen[key]} counts")
+            )
+            continue
+        seen[key] = line
         try:
             probe(path)
         except (ImageError, FileNotFoundError) as err:
             found.problems.append(Problem(rel, getattr(err, "reason", "file not found")))
             continue
-        found.files.setdefault((split, label), []).append(path.relative_to(root).as_posix())
+        found.files.setdefault((split, label), []).append(key)
 
 
 def _index(root: Path, layout: str, found: _Found, class_names: list[str], **split_info) -> DatasetIndex:
@@ -320,10 +433,15 @@ def _assemble_all(root: Path, layout: str, found: _Found) -> DatasetIndex:
 
 
 def _assemble(
-    root: Path, layout: str, found: _Found, val_fraction: float, seed: int, has_val: bool
+    root: Path, layout: str, found: _Found, val_fraction: float, seed: int, split_dirs: dict[str, Path]
 ) -> DatasetIndex:
-    train_split = "train" if layout == "split-folders" else "all"
-    class_names = sorted({c for (s, c) in found.files if s in (train_split, "all")})
+    """Check the classes, then split: the user's split where given, a seeded stratified one for the rest.
+
+    Explicit splits (split folders, a CSV's split column) are kept; files without one are split
+    (identical files together), never files the user put in train. An empty val/ falls back to
+    a split of train/, said as a warning.
+    """
+    class_names = sorted({c for (s, c) in found.files if s in ("train", "all")})
     if not class_names:
         where = f"{root}/train" if layout == "split-folders" else str(root)
         raise DataError(
@@ -340,19 +458,38 @@ def _assemble(
             f"classes {', '.join(stray)} appear in val/test but not in train",
             "add training images for them or remove them from val/test",
         )
+    for name in ("val", "test"):
+        if name in split_dirs and not any(s == name for (s, _) in found.files):
+            what = "a seeded split of train/ is used instead" if name == "val" else "there is no test split"
+            found.warnings.append(f"{split_dirs[name].name}/ has no usable images: {what}")
     index = _index(root, layout, found, class_names)
-    if has_val:
-        return index
-    labels, splits = index.labels, list(index.splits)
-    pool = [i for i, s in enumerate(splits) if s in ("train", "all")]
+    groups = identical_groups([index.absolute(i) for i in range(len(index.paths))])
+    splits = list(index.splits)
+    if index.has("val"):  # the user's validation split; rows without a split (CSV) train
+        splits = ["train" if s == "all" else s for s in splits]
+        index = dataclasses.replace(index, splits=tuple(splits))
+        return _with_duplicates(index, groups)
+    unassigned = [i for i, s in enumerate(splits) if s == "all"]
+    pool = unassigned or [i for i, s in enumerate(splits) if s == "train"]
+    labels = index.labels
+    in_pool = set(pool)
     counts = Counter(labels[i] for i in pool)
+    counts.update(labels[i] for i, s in enumerate(splits) if s == "train" and i not in in_pool)
     small = [class_names[k] for k in range(len(class_names)) if counts.get(k, 0) < 2]
     if small:
         raise DataError(
             f"class {', '.join(small)} has fewer than 2 images",
             "a class needs at least 2 (one to train on, one to validate); add images or remove the folder",
         )
-    sub = stratified_split([labels[i] for i in pool], val_fraction, seed)
+    group_of = {i: min(m) for m in groups.values() for i in m}
+    sub = stratified_split([labels[i] for i in pool], val_fraction, seed, [group_of.get(i, i) for i in pool])
     for i, s in zip(pool, sub, strict=True):
         splits[i] = s
-    return dataclasses.replace(index, splits=tuple(splits), split_seed=seed, val_fraction=val_fraction)
+    index = dataclasses.replace(index, splits=tuple(splits), split_seed=seed, val_fraction=val_fraction)
+    return _with_duplicates(index, groups)
+
+
+def _with_duplicates(index: DatasetIndex, groups: dict[str, list[int]]) -> DatasetIndex:
+    """`index` with its groups of identical files described (the same groups `check` reports)."""
+    classes = [index.classes[k] for k in index.labels]
+    return dataclasses.replace(index, duplicates=describe(groups, index.paths, index.splits, classes))

@@ -58,13 +58,41 @@ class Preprocessing:
 
     @classmethod
     def from_dict(cls, d: dict) -> Preprocessing:
+        """The preprocessing a file records (config.json, a backbone card), checked to be usable.
+
+        Raises:
+            ValueError: naming the value that cannot work (crop_pct 0, a negative size, an
+                unknown interpolation, a mean or std that is not three numbers, std 0).
+        """
+        size, crop = d["input_size"], d["crop_pct"]
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise ValueError(f"input_size must be a positive integer, got {size!r}")
+        if not _number(crop) or not 0 < crop <= 2:
+            raise ValueError(f"crop_pct must be a number in (0, 2], got {crop!r}")
+        for key in ("mean", "std"):
+            v = d[key]
+            if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(_number(x) for x in v):
+                raise ValueError(f"{key} must be three numbers (R, G, B), got {v!r}")
+        if not all(x > 0 for x in d["std"]):
+            raise ValueError(f"std must be positive, got {d['std']!r}")
+        if d["interpolation"] not in INTERPOLATIONS:
+            raise ValueError(
+                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {d['interpolation']!r}"
+            )
         return cls(
-            int(d["input_size"]),
-            float(d["crop_pct"]),
-            tuple(d["mean"]),
-            tuple(d["std"]),
-            str(d["interpolation"]),
+            size,
+            float(crop),
+            tuple(float(x) for x in d["mean"]),
+            tuple(float(x) for x in d["std"]),
+            d["interpolation"],
         )
+
+
+INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")  # what a tensor resize can do
+
+
+def _number(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
 def guard_aspect(x: torch.Tensor) -> torch.Tensor:

@@ -2,32 +2,106 @@
 
     ident = FeatureIdentity.of(backbone, tap="pool", pool="avg", preprocessing=pre)
     cache = FeatureCache(ident)
-    cache.lookup([file_key(path), ...])     # {i: feature row}
+    cache.lookup([row_key(path), ...])      # {i: feature row}
 
-The network (model, weights sha256, tap, pooling, preprocessing, decoder, library versions)
-names a folder, and the file (absolute path, size, st_mtime_ns, inode) names the row. Change
-one image and only it is re-extracted. Shards are written atomically and never rewritten, so a
-crash leaves a usable cache. The cut network's tensors (`trunk_tensors`) are cached beside them.
+The network (model, weights sha256, tap, pooling, preprocessing, decoder, library versions and
+the extraction code's SCHEMA) names a folder, and the file (absolute path, size, st_mtime_ns,
+st_ctime_ns, inode) names the row: change one image, even to the same size and mtime, and only
+it is re-extracted. Shards are written atomically and never rewritten, so a crash leaves a
+usable cache; a shard that is damaged anyway (bad JSON, fewer rows than keys, the wrong width,
+rows that are not finite) is discarded and its images extracted again. The cache is an
+optimization only: when it cannot be written (read-only, full, FINETUNE_CACHE naming a file)
+the command says so in one line and goes on without it. The cut network's tensors
+(`trunk_tensors`) are cached beside the features.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import logging
+import os
+import tempfile
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from finetune.data.transforms import Preprocessing
 from finetune.io import cache_root
 
-if TYPE_CHECKING:  # torch is imported where a network runs: a fully cached probe never imports it
-    pass
+log = logging.getLogger(__name__)
+
+# Bump whenever what a cached row means changes (extraction, pooling, tap semantics, key format):
+# every identity changes with it, so old rows are never read as new ones.
+SCHEMA = 2
+
+
+def row_key(path: str | os.PathLike) -> str | None:
+    """Identity of one file's current bytes, without reading them; None when it is gone.
+
+    Absolute path, size, st_mtime_ns, st_ctime_ns and inode: a rewrite in place that keeps the
+    size and restores the mtime still changes the ctime, which no user can set.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    text = (
+        f"{os.fsencode(os.path.abspath(path))!r}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    )
+    return hashlib.sha1(text.encode()).hexdigest()
+
+
+_UNWRITABLE: set[str] = set()  # cache roots already reported as unwritable (one line per process)
+
+
+def _cannot_write(root: Path, err: OSError | str) -> None:
+    """Say once that the cache at `root` cannot be written; later writes there are skipped."""
+    key = str(root)
+    if key in _UNWRITABLE:
+        return
+    _UNWRITABLE.add(key)
+    why = err if isinstance(err, str) else (err.strerror or type(err).__name__)
+    log.warning(f"feature cache {root} cannot be written ({why}): going on without it")
+
+
+def cache_writable(root: Path | None = None) -> bool:
+    """True when the cache folder exists or can be made, and takes a file; else one line, False.
+
+    Commands ask once at the start and run without the cache when it is False (a read-only or
+    full cache, or FINETUNE_CACHE naming a file).
+    """
+    root = root or cache_root()
+    if str(root) in _UNWRITABLE:
+        return False
+    if root.exists() and not root.is_dir():
+        _cannot_write(root, "it is a file, not a folder")
+        return False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        _cannot_write(root, err)
+        return False
+    return True
+
+
+def _guarded(root: Path, write: Callable[[], None]) -> bool:
+    """Run one cache write; a full or read-only cache is reported once and skipped, never fatal."""
+    if str(root) in _UNWRITABLE:
+        return False
+    try:
+        write()
+    except OSError as err:
+        _cannot_write(root, err)
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -41,6 +115,7 @@ class FeatureIdentity:
     preprocessing: tuple  # Preprocessing as a sorted tuple of items
     versions: tuple  # (name, version) of torch, torchvision, timm, pillow
     decoder: str = ""  # which decoder made the pixels (data.decode.DECODERS)
+    schema: int = SCHEMA  # the extraction code's own version
 
     @classmethod
     def of(cls, backbone, tap: str, pool: str, preprocessing: Preprocessing) -> FeatureIdentity | None:
@@ -74,8 +149,9 @@ class FeatureIdentity:
 
 
 class FeatureCache:
-    """Append-only shards of features for one FeatureIdentity: `<digest>/<id>.npy` + `<id>.json` (keys).
+    """Append-only shards of features for one FeatureIdentity: `<digest>/<id>.npy` + `<id>.json`.
 
+    `<id>.json` holds {"width": D, "keys": [...]}, one key per row of the (rows, D) `.npy`.
     Files that passed the header check but failed to decode are remembered too
     (`<id>.failed.json`: {key: reason}): the failure belongs to those exact bytes (the key
     changes with them), so a re-run of a messy folder skips them without running the network.
@@ -85,64 +161,77 @@ class FeatureCache:
 
     def __init__(self, identity: FeatureIdentity, root: Path | None = None) -> None:
         self.identity = identity
-        self.dir = (root or cache_root()) / "features" / identity.digest
+        self.root = root or cache_root()
+        self.dir = self.root / "features" / identity.digest
         self._index: dict[str, tuple[str, int]] | None = None
         self._failed: dict[str, str] | None = None
+
+    def _discard(self, shard: str, why: str) -> None:
+        """A damaged shard is never used again: removed (best effort), its images re-extracted."""
+        log.info(f"feature cache: discarding damaged shard {shard} ({why}); its images are extracted again")
+        for suffix in (".json", ".npy"):
+            with contextlib.suppress(OSError):
+                (self.dir / f"{shard}{suffix}").unlink()
 
     def _load_index(self) -> dict[str, tuple[str, int]]:
         if self._index is None:
             self._index = {}
-            if self.dir.is_dir():
-                for meta in sorted(self.dir.glob("*.json")):
-                    if meta.name == "identity.json" or meta.name.endswith(self.FAILED):
-                        continue
-                    if not meta.with_suffix(".npy").is_file():
-                        continue
-                    try:
-                        keys = json.loads(meta.read_text())
-                    except (OSError, json.JSONDecodeError):
-                        continue  # a damaged shard is simply not used
-                    for row, key in enumerate(keys):
-                        self._index[key] = (meta.stem, row)
+            shards = valid_shards(self.dir, self._discard)
+            for shard, keys in shards.items():
+                for row, key in enumerate(keys):
+                    self._index[key] = (shard, row)
         return self._index
 
-    def lookup(self, keys: Sequence[str]) -> dict[int, np.ndarray]:
-        """{i: feature row} for each keys[i] found."""
+    def lookup(self, keys: Sequence[str | None]) -> dict[int, np.ndarray]:
+        """{i: feature row} for each keys[i] found with finite values (None keys are never found)."""
         index = self._load_index()
         by_shard: dict[str, list[tuple[int, int]]] = {}
         for i, key in enumerate(keys):
-            if key in index:
+            if key is not None and key in index:
                 shard, row = index[key]
                 by_shard.setdefault(shard, []).append((i, row))
         out: dict[int, np.ndarray] = {}
         for shard, pairs in by_shard.items():
             try:
                 arr = np.load(self.dir / f"{shard}.npy", mmap_mode="r", allow_pickle=False)
-            except (OSError, ValueError):
+                rows = np.asarray([r for _, r in pairs])
+                block = np.asarray(arr[rows], dtype=np.float32)  # (n, D)
+            except (OSError, ValueError, IndexError):
+                self._forget(shard, "unreadable")
                 continue
-            rows = np.asarray([r for _, r in pairs])
-            block = np.asarray(arr[rows], dtype=np.float32)
+            if not np.isfinite(block).all():
+                self._forget(shard, "rows that are not finite numbers")
+                continue
             for (i, _), vec in zip(pairs, block):
                 out[i] = vec
         return out
 
-    def failures(self, keys: Sequence[str]) -> dict[int, str]:
+    def _forget(self, shard: str, why: str) -> None:
+        self._discard(shard, why)
+        index = self._load_index()
+        for key in [k for k, (s, _) in index.items() if s == shard]:
+            del index[key]
+
+    def failures(self, keys: Sequence[str | None]) -> dict[int, str]:
         """{i: reason} for each keys[i] that failed to decode before."""
         if self._failed is None:
             self._failed = {}
             for path in sorted(self.dir.glob(f"*{self.FAILED}")) if self.dir.is_dir() else []:
                 try:
-                    self._failed.update(json.loads(path.read_text()))
-                except (OSError, json.JSONDecodeError, TypeError, ValueError):
+                    record = json.loads(path.read_text())
+                    if isinstance(record, dict):
+                        self._failed.update({str(k): str(v) for k, v in record.items()})
+                except (OSError, ValueError):
                     continue  # a damaged record: those files are simply tried again
-        return {i: self._failed[k] for i, k in enumerate(keys) if k in self._failed}
+        return {i: self._failed[k] for i, k in enumerate(keys) if k is not None and k in self._failed}
 
     def store_failures(self, reasons: dict[str, str]) -> None:
         """Remember decode failures, {key: reason}."""
         from finetune.io import write_json
 
-        if reasons:
-            write_json(self.dir / f"{self._new_shard()}{self.FAILED}", reasons)
+        if reasons and _guarded(
+            self.root, lambda: write_json(self.dir / f"{self._new_shard()}{self.FAILED}", reasons)
+        ):
             self.failures([])  # loaded, so the update below is not lost
             self._failed.update(reasons)
 
@@ -156,17 +245,84 @@ class FeatureCache:
         return f"{time.strftime('%Y%m%d%H%M%S')}-{uuid.uuid4().hex[:8]}"
 
     def store(self, keys: Sequence[str], x: np.ndarray) -> None:
-        """Add one shard; the .npy is complete on disk before the .json that makes it visible."""
+        """Add one shard of (len(keys), D) rows; the .npy is complete on disk before the .json
+        that makes it visible. A cache that cannot be written is reported once and skipped."""
         from finetune.io import atomic_write, write_json
 
         if not len(keys):
             return
-        shard = self._new_shard()
-        atomic_write(self.dir / f"{shard}.npy", lambda fh: np.save(fh, np.ascontiguousarray(x, np.float32)))
-        write_json(self.dir / f"{shard}.json", list(keys))
+        x = np.ascontiguousarray(x, np.float32)  # (N, D)
+        shard = ""
+
+        def write() -> None:
+            nonlocal shard
+            shard = self._new_shard()
+            atomic_write(self.dir / f"{shard}.npy", lambda fh: np.save(fh, x))
+            write_json(self.dir / f"{shard}.json", {"width": int(x.shape[1]), "keys": list(keys)})
+
+        if not _guarded(self.root, write):
+            return
         index = self._load_index()
         for row, key in enumerate(keys):
             index[key] = (shard, row)
+
+
+def _shard_keys(meta: Path) -> tuple[list[str], int] | str:
+    """(keys, width) of a shard whose .json and .npy agree, or why it is damaged."""
+    try:
+        record = json.loads(meta.read_text())
+    except (OSError, ValueError):
+        return "its key list is not valid JSON"
+    if (
+        not isinstance(record, dict)
+        or not isinstance(record.get("keys"), list)
+        or not all(isinstance(k, str) for k in record["keys"])
+        or not isinstance(record.get("width"), int)
+    ):
+        return "its key list is malformed"
+    try:
+        arr = np.load(meta.with_suffix(".npy"), mmap_mode="r", allow_pickle=False)
+    except (OSError, ValueError):
+        return "its features are unreadable"
+    keys, width = record["keys"], record["width"]
+    if arr.ndim != 2 or arr.shape[1] != width:
+        return f"features of shape {arr.shape}, not (rows, {width})"
+    if arr.shape[0] != len(keys):
+        return f"{arr.shape[0]} rows for {len(keys)} keys"
+    return keys, width
+
+
+def valid_shards(folder: Path, discard: Callable[[str, str], None] | None = None) -> dict[str, list[str]]:
+    """{shard id: keys} of the shards of one feature folder that are intact and of the common width.
+
+    A shard whose features are still being written (a .npy without its .json) is not listed; a
+    damaged one is passed to `discard(shard, why)`.
+    """
+    found: dict[str, tuple[list[str], int]] = {}
+    if not folder.is_dir():
+        return {}
+    for meta in sorted(folder.glob("*.json")):
+        if meta.name == "identity.json" or meta.name.endswith(FeatureCache.FAILED):
+            continue
+        if not meta.with_suffix(".npy").is_file():
+            continue
+        got = _shard_keys(meta)
+        if isinstance(got, str):
+            if discard is not None:
+                discard(meta.stem, got)
+            continue
+        found[meta.stem] = got
+    rows_by_width: dict[int, int] = {}
+    for keys, width in found.values():
+        rows_by_width[width] = rows_by_width.get(width, 0) + len(keys)
+    common = max(rows_by_width, key=lambda w: rows_by_width[w], default=None)  # ties: the first written
+    out = {}
+    for shard, (keys, width) in found.items():
+        if width == common:
+            out[shard] = keys
+        elif discard is not None:
+            discard(shard, f"width {width}, the other shards' is {common}")
+    return out
 
 
 def cache_info(root: Path | None = None) -> list[dict]:
@@ -177,11 +333,11 @@ def cache_info(root: Path | None = None) -> list[dict]:
         for d in sorted(p for p in base.iterdir() if p.is_dir()):
             try:
                 ident = json.loads((d / "identity.json").read_text())
-            except (OSError, json.JSONDecodeError):
+            except (OSError, ValueError):
                 ident = {}
-            shards = [m for m in d.glob("*.json") if m.with_suffix(".npy").is_file()]
-            keys = sum(len(json.loads(m.read_text())) for m in shards)
-            size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            ident = ident if isinstance(ident, dict) else {}
+            keys = sum(len(k) for k in valid_shards(d).values())
+            size = _bytes(d)
             rows.append(
                 {
                     "id": d.name,
@@ -209,8 +365,18 @@ def cache_parts(root: Path | None = None) -> dict[str, dict]:
     for sub, what in CACHE_PARTS.items():
         d = (root or cache_root()) / sub
         files = [f for f in d.rglob("*") if f.is_file()] if d.is_dir() else []
-        out[sub] = {"what": what, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+        out[sub] = {"what": what, "files": len(files), "bytes": _bytes(d)}
     return out
+
+
+def _bytes(folder: Path) -> int:
+    """Bytes of the files under `folder`; files that vanish meanwhile (a run, a clear) count 0."""
+    total = 0
+    if folder.is_dir():
+        for f in folder.rglob("*"):
+            with contextlib.suppress(OSError):
+                total += f.stat().st_size if f.is_file() else 0
+    return total
 
 
 def cache_clear(root: Path | None = None) -> int:
@@ -221,8 +387,13 @@ def cache_clear(root: Path | None = None) -> int:
     for sub in ("features", *CACHE_PARTS):
         d = (root or cache_root()) / sub
         if d.is_dir():
-            freed += sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-            shutil.rmtree(d)
+            freed += _bytes(d)
+            # A run writing meanwhile may add or rename files: whatever is gone is gone, and a
+            # shard written half-way through is only ever visible once complete.
+            for _ in range(3):
+                shutil.rmtree(d, ignore_errors=True)
+                if not d.exists():
+                    break
     return freed
 
 
@@ -243,7 +414,7 @@ def trunk_tensors(backbone, tap: str, pool: str, preprocessing: Preprocessing, c
     if path is not None and path.is_file():
         try:
             return load_file(str(path))
-        except (SafetensorError, OSError):
+        except (SafetensorError, OSError, ValueError):
             pass  # a damaged file is rebuilt and replaced
     from finetune.models.anatomy import build_trunk
 
@@ -251,5 +422,5 @@ def trunk_tensors(backbone, tap: str, pool: str, preprocessing: Preprocessing, c
     tensors = {f"trunk.{k}": v.detach().cpu().contiguous().numpy() for k, v in trunk.state_dict().items()}
     if path is not None:
         blob = save(tensors)
-        atomic_write(path, lambda fh: fh.write(blob))
+        _guarded(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob)))
     return tensors

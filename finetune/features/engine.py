@@ -17,12 +17,14 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import warnings
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from finetune.features.cache import cache_writable
 from finetune.io import cache_root
 
 log = logging.getLogger(__name__)
@@ -69,22 +71,23 @@ def export_onnx(trunk: nn.Module, path: Path, input_size: int) -> None:
 
     trunk = trunk.eval().to("cpu", memory_format=torch.contiguous_format)
     example = torch.zeros(2, 3, input_size, input_size)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + f".{os.getpid()}.partial")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            trunk,
-            (example,),
-            str(tmp),
-            input_names=["images"],
-            output_names=["features"],
-            dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
-            opset_version=17,
-            dynamo=False,
-        )
-    data = tmp.read_bytes()
-    tmp.unlink()
+    # torch writes the file itself, so it goes to a private temp folder (never a `.partial` in the
+    # cache, whatever happens) and is then moved in atomically.
+    with tempfile.TemporaryDirectory(prefix="finetune-onnx-") as tmpdir:
+        tmp = Path(tmpdir) / "model.onnx"
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                trunk,
+                (example,),
+                str(tmp),
+                input_names=["images"],
+                output_names=["features"],
+                dynamic_axes={"images": {0: "batch"}, "features": {0: "batch"}},
+                opset_version=17,
+                dynamo=False,
+            )
+        data = tmp.read_bytes()
     atomic_write(path, lambda fh: fh.write(data))
 
 
@@ -119,6 +122,8 @@ def make_engine(
     if device.type != "cpu" or wanted == "torch" or key is None or not ort_available():
         return TorchEngine(trunk, device)
     path = cache_root() / "engines" / f"{key}.onnx"
+    if not path.is_file() and not cache_writable():  # nowhere to keep the export (said once): eager torch
+        return TorchEngine(trunk, device)
     try:
         if not path.is_file():
             log.info("exporting the frozen network to ONNX Runtime (once; cached)")

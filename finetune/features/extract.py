@@ -25,8 +25,7 @@ from finetune.console import progress_bar
 from finetune.data.index import DatasetIndex
 from finetune.data.loader import ImageDataset, default_workers, make_loader
 from finetune.data.transforms import Preprocessing, eval_reader
-from finetune.features.cache import FeatureCache, FeatureIdentity
-from finetune.io import file_key
+from finetune.features.cache import FeatureCache, FeatureIdentity, row_key
 from finetune.runtime import _all_gather_bytes, _rank, _shard, pick_device
 
 log = logging.getLogger(__name__)
@@ -241,7 +240,7 @@ def _extract_outputs(
     fingerprinted = all(i is not None for i in idents)
     use_cache = cache and fingerprinted
     stores = {t: FeatureCache(i) for t, i in zip(names, idents)} if use_cache else {}
-    keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []
+    keys = [row_key(index.absolute(p)) for p in positions] if use_cache else []  # None: file gone
     found = {t: stores[t].lookup(keys) for t in names} if use_cache else {t: {} for t in names}
     failed = {t: stores[t].failures(keys) for t in names} if use_cache else {t: {} for t in names}
     todo = [
@@ -282,13 +281,14 @@ def _extract_outputs(
         key_of = dict(zip(positions, keys)) if use_cache else {}
         if use_cache and new_bad:
             for t in names:
-                stores[t].store_failures({key_of[p]: why for p, why in new_bad.items()})
+                stores[t].store_failures({key_of[p]: why for p, why in new_bad.items() if key_of[p]})
         for k, t in enumerate(names):
             block = x_new[:, bounds[k] : bounds[k + 1]] if len(x_new) else np.zeros((0, 0), np.float32)
             missing = [r for r, p in enumerate(p_new) if int(p) not in rows[t]]
             rows[t].update({int(p_new[r]): block[r] for r in missing})
-            if use_cache and missing:
-                stores[t].store([key_of[int(p_new[r])] for r in missing], block[missing])
+            keep = [r for r in missing if key_of.get(int(p_new[r]))] if use_cache else []
+            if keep:
+                stores[t].store([key_of[int(p_new[r])] for r in keep], block[keep])
 
     seconds = time.perf_counter() - start
     kept = [p for p in positions if all(p in rows[t] for t in names)]

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -30,6 +31,8 @@ from finetune.models.weights import (
     read_state_dict,
     torch_hub_dir,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Backbone:
@@ -292,7 +295,10 @@ def open_backbone(
     if found is not None:
         return found
     bb = make()
-    _write_card(path, bb)
+    try:
+        _write_card(path, bb)
+    except OSError as err:  # a full or read-only cache: the card is only a shortcut for next time
+        log.info(f"backbone card not cached ({err.strerror})")
     return bb
 
 

@@ -2,10 +2,12 @@
 
 For data far from ImageNet the early stages (edges, textures) transfer better than the
 ImageNet-specific top. One pass over the images reads every stage tap (`features.extract_taps`),
-a head is fitted per stage on the training split, and the stage whose head scores best on the
-validation split wins (ties go to the earlier, cheaper stage). The saved model is the network
-cut at that stage plus the folded head — the same artifact as a linear probe, so `predict`,
-`evaluate` and `export` work unchanged.
+a head is fitted per stage on the training split, and the stage is chosen the way C is: by its
+head's cross-validated accuracy on the training split, ties going to the later stage (on a
+handful of images many stages tie, and the later ones carry more features that generalize).
+The validation split chooses nothing, so its accuracy stays an honest estimate; it is shown
+per stage for information. The saved model is the network cut at that stage plus the folded
+head — the same artifact as a linear probe, so `predict`, `evaluate` and `export` work unchanged.
 """
 
 from __future__ import annotations
@@ -27,12 +29,20 @@ def stage_taps(backbone) -> list[str]:
     return [t for t in backbone.tap_names if t != "stem"]
 
 
-def _table(rows: list[dict]) -> str:
-    best = max(rows, key=lambda r: r["accuracy"])
-    lines = [f"{'stage':<10} {'dim':>6} {'val acc':>8}  {'C':>7}"]
+def choose_stage(rows: list[dict]) -> str:
+    """The stage with the best cross-validated accuracy; ties (and no CV at all) go to the later stage."""
+    ranked = [
+        (round(r["cv_accuracy"] if r["cv_accuracy"] is not None else -1.0, 9), k) for k, r in enumerate(rows)
+    ]
+    return rows[max(ranked)[1]]["stage"]
+
+
+def _table(rows: list[dict], best: str) -> str:
+    lines = [f"{'stage':<10} {'dim':>6} {'cv acc':>8} {'val acc':>8}  {'C':>7}"]
     for r in rows:
-        mark = "  <- best" if r is best else ""
-        lines.append(f"{r['stage']:<10} {r['dim']:>6} {r['accuracy']:>8.4f}  {r['C']:>7g}{mark}")
+        mark = "  <- chosen" if r["stage"] == best else ""
+        cv = f"{r['cv_accuracy']:>8.4f}" if r["cv_accuracy"] is not None else f"{'-':>8}"
+        lines.append(f"{r['stage']:<10} {r['dim']:>6} {cv} {r['accuracy']:>8.4f}  {r['C']:>7g}{mark}")
     return "\n".join(lines)
 
 
@@ -49,18 +59,34 @@ def stage_probe(ctx: RunContext) -> Outcome:
             "keep --val-fraction above 0, or add a val/ folder",
         )
 
+    # A one-value C grid is given twice so the head is still cross-validated: that score picks the stage.
+    grid = recipe.c_grid if len(recipe.c_grid) > 1 else recipe.c_grid * 2
     rows, fitted = [], {}
     for tap in candidates:
         f: Features = feats[tap]
         train = f.subset(ctx.positions("train"))
-        head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
+        head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=grid, seed=recipe.seed)
         folded = fold(head)
         acc, _ = evaluate_split(ctx, f, "val", folded, head.kind)
-        rows.append({"stage": tap, "dim": int(train.x.shape[1]), "accuracy": acc["accuracy"], "C": head.C})
+        cv = max(head.cv_scores.values()) if head.cv_scores else None
+        rows.append(
+            {
+                "stage": tap,
+                "dim": int(train.x.shape[1]),
+                "cv_accuracy": cv,
+                "accuracy": acc["accuracy"],
+                "C": head.C,
+            }
+        )
         fitted[tap] = (head, folded)
     t2 = time.perf_counter()
-    best = max(rows, key=lambda r: r["accuracy"])["stage"]  # max keeps the first of equals: the earlier stage
-    log.info("per-stage linear probe (validation accuracy):\n" + _table(rows))
+    best = choose_stage(rows)
+    if all(r["cv_accuracy"] is None for r in rows):
+        log.info("too few training images per class for cross-validation: keeping the top stage")
+    log.info(
+        "per-stage linear probe (cross-validated on train; validation for information):\n"
+        + _table(rows, best)
+    )
     log.info(f"keeping {best}: the network is cut there")
 
     head, folded = fitted[best]

@@ -15,6 +15,7 @@ import dataclasses
 import errno
 import json
 import logging
+import shlex
 from pathlib import Path
 from typing import Any
 
@@ -89,7 +90,7 @@ def save_checkpoint(
         last = _last_good(folder)
         raise TrainingError(
             f"cannot write the checkpoint in {folder}: {what}",
-            f"free space and resume with --resume {folder.parent}; {last}",
+            f"free space and resume with --resume {shlex.quote(str(folder.parent))}; {last}",
         ) from None
     keep = {CHECKPOINT_INDEX, RECIPE_FILE, meta["tensors"], meta.get("best_tensors", "")}
     for path in folder.iterdir():

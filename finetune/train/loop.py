@@ -42,6 +42,7 @@ import json
 import logging
 import math
 import os
+import shlex
 import signal
 import time
 from collections.abc import Iterator
@@ -561,7 +562,8 @@ class Trainer:
         st = self.state
         raise Interrupted(
             f"{name}: stopped at epoch {st.epoch + 1}, batch {st.batch}; checkpoint saved in {self.folder}",
-            f"continue with: finetune run {self.ctx.index.root} --resume {self.ctx.run_dir}",
+            "continue with: "
+            + shlex.join(["finetune", "run", str(self.ctx.index.root), "--resume", str(self.ctx.run_dir)]),
             128 + int(signum),
         )
 
