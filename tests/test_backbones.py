@@ -12,7 +12,8 @@ from typer.testing import CliRunner
 
 from finetune.cli import app
 from finetune.errors import BackboneError, WeightsError
-from finetune.models.backbone import build, weights_status
+from finetune.models.backbone import build
+from finetune.models.fetch import status as weights_status
 from finetune.models.catalogue import ALIASES, resolve
 
 runner = CliRunner()
@@ -135,16 +136,17 @@ def test_mismatched_shapes_and_pickles_are_refused_in_one_line(tmp_path, make_fo
 
 def test_no_offline_weights_names_every_remedy(empty_hubs, make_folder):
     data = make_folder({"a": 3, "b": 3}, size=32)
-    assert weights_status(resolve("vgg16")) == "not available offline"
+    assert weights_status(resolve("vgg16")) == "downloadable"
     line = _one_error_line(
         runner.invoke(app, ["run", str(data), "--backbone", "vgg16", "-o", str(empty_hubs / "runs")])
     )
-    assert "--weights FILE" in line and "--no-pretrained" in line
-    assert str(empty_hubs / "hf") in line and "timm/vgg16.tv_in1k" in line
+    assert "--weights FILE" in line and "--no-pretrained" in line and "`finetune fetch vgg16`" in line
+    assert str(empty_hubs / "hf") in line and "timm/vgg16.tv_in1k model.safetensors" in line
     line = _one_error_line(
         runner.invoke(app, ["run", str(data), "--backbone", "tv:alexnet", "-o", str(empty_hubs / "runs")])
     )
     assert str(empty_hubs / "torch" / "hub" / "checkpoints" / "alexnet-owt-7be5be79.pth") in line
+    assert "`finetune fetch tv:alexnet`" in line
 
 
 def test_weights_found_in_the_hugging_face_cache_by_file_lookup(empty_hubs):
@@ -160,9 +162,9 @@ def test_weights_found_in_the_hugging_face_cache_by_file_lookup(empty_hubs):
     (repo / "snapshots" / "abc123").mkdir(parents=True)
     target = repo / "snapshots" / "abc123" / "model.safetensors"
     save_file({k: v.contiguous() for k, v in state.items()}, str(target))
-    assert weights_status(resolve("resnet18")) == "cached"
+    assert weights_status(resolve("resnet18")) == f"cached ({target.stat().st_size / 1e6:.1f} MB)"
     bb = build("resnet18")
-    assert bb.weights.source == "hub-cache"
+    assert bb.weights.source == "hub"
     torch.testing.assert_close(bb.model.fc.weight, state["fc.weight"])
 
 
