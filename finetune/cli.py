@@ -86,6 +86,13 @@ class WeightsMap(str, Enum):
     positional = "positional"
 
 
+# Every command that may build a pretrained network takes it; FINETUNE_OFFLINE=1 or HF_HUB_OFFLINE=1
+# say the same.
+Offline = Annotated[
+    bool, typer.Option("--offline", help="Use only cached weights; never download (see `finetune fetch`).")
+]
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -122,6 +129,7 @@ def run(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
+    offline: Offline = False,
 ) -> None:
     """Train and evaluate a classifier on DATA; write a run folder.
 
@@ -152,6 +160,7 @@ def run(
         resume=resume,
         compile=compile_,
         cache=not no_cache,
+        offline=offline,
     )
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
@@ -249,6 +258,7 @@ def extract_features(
         float, typer.Option(min=0.0, max=0.9, help="Recorded split: validation share.")
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the recorded split.")] = 0,
+    offline: Offline = False,
 ) -> None:
     """Write the features of named layers (DeCAF-style) for every image of DATA.
 
@@ -271,6 +281,7 @@ def extract_features(
         val_fraction=val_fraction,
         seed=seed,
         labels_csv=labels,
+        offline=offline,
     )
     s = extract_to_file(opts)
     if not s.main:  # under torchrun only rank 0 reports
@@ -484,6 +495,7 @@ def advise(
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable advice.")] = False,
+    offline: Offline = False,
 ) -> None:
     """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
 
@@ -493,7 +505,8 @@ def advise(
     from finetune.app.advise import format_advice
     from finetune.data.index import scan
 
-    advice = advise_data(scan(data, labels_csv=labels), backbone=backbone, device=device, sample=sample)
+    index = scan(data, labels_csv=labels)
+    advice = advise_data(index, backbone=backbone, device=device, sample=sample, offline=offline)
     typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
 
 
@@ -514,6 +527,7 @@ def compare(
     val_fraction: Annotated[float, typer.Option(min=0.05, max=0.9, help="Validation share.")] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the shared split.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
+    offline: Offline = False,
 ) -> None:
     """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
 
@@ -532,6 +546,7 @@ def compare(
         val_fraction=val_fraction,
         seed=seed,
         device=device,
+        offline=offline,
     )
     rows, plot = compare_strategies(opts)
     typer.echo(format_rows(rows))
@@ -632,6 +647,29 @@ def backbones_cmd(
     from finetune.models.describe import catalogue_text, describe
 
     typer.echo(catalogue_text() if name is None else describe(name, taps, stages, input_size))
+
+
+@app.command("fetch")
+def fetch_cmd(
+    backbones: Annotated[list[str], typer.Argument(help="Backbone name(s): alias, timm name or tv:name.")],
+) -> None:
+    """Download backbones' ImageNet weights now, for a machine that will be offline; print what to copy.
+
+    Example: finetune fetch vgg16 alexnet resnet50
+    """
+    from finetune.models.fetch import fetch_backbones
+
+    for name, info in fetch_backbones(backbones):
+        if info is None:
+            typer.echo(f"{name}: packaged with finetune, nothing to fetch")
+            continue
+        origin = f"{info.repo}@{(info.revision or '?')[:12]}" if info.repo else info.url
+        size = Path(info.path).stat().st_size / 1e6
+        typer.echo(f"{name}: {origin} {info.file}, {size:.1f} MB, sha256 {info.sha256}\n  {info.path}")
+    typer.echo(
+        "offline elsewhere: copy these caches to the same places there (cp -a keeps the Hub's links), "
+        "or point HF_HOME / TORCH_HOME at the copies"
+    )
 
 
 def main() -> None:

@@ -68,6 +68,7 @@ def resolve_strategy(opts: RunOptions, index: DatasetIndex) -> tuple[str, dict]:
         cache=opts.cache,
         weights_file=opts.weights,
         weights_map=opts.weights_map,
+        offline=opts.offline,
     )
     log.info(f"auto: {advice.strategy} — {advice.reason}")
     return advice.strategy, advice.to_dict()
@@ -103,6 +104,7 @@ def run(opts: RunOptions) -> RunResult:
         weights_map=opts.weights_map,
         cards=opts.cache,
         seed=recipe.seed,
+        offline=opts.offline,
     )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
