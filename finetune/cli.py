@@ -657,19 +657,22 @@ def fetch_cmd(
 
     Example: finetune fetch vgg16 alexnet resnet50
     """
-    from finetune.models.fetch import fetch_backbones
+    from finetune.models.fetch import cache_folders, fetch_backbones
 
-    for name, info in fetch_backbones(backbones):
+    fetched = fetch_backbones(backbones)
+    for name, info in fetched:
         if info is None:
             typer.echo(f"{name}: packaged with finetune, nothing to fetch")
             continue
         origin = f"{info.repo}@{(info.revision or '?')[:12]}" if info.repo else info.url
         size = Path(info.path).stat().st_size / 1e6
         typer.echo(f"{name}: {origin} {info.file}, {size:.1f} MB, sha256 {info.sha256}\n  {info.path}")
-    typer.echo(
-        "offline elsewhere: copy these caches to the same places there (cp -a keeps the Hub's links), "
-        "or point HF_HOME / TORCH_HOME at the copies"
-    )
+    folders = cache_folders([info for _, info in fetched])
+    if folders:
+        typer.echo(
+            f"for an offline machine, copy {' and '.join(folders)} to the same place there "
+            "(cp -a keeps the Hub cache's links), or point HF_HOME / TORCH_HOME at the copies"
+        )
 
 
 def main() -> None:

@@ -279,7 +279,6 @@ def _download_hub(src: WeightsSource) -> tuple[str, str]:
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError
 
     for fname in src.files:
-        log.info(f"downloading {src.repo} {fname} into {hf_cache_dir()}")
         try:
             with _hub_quiet():
                 path = hf_hub_download(
@@ -314,7 +313,6 @@ def _download_url(src: WeightsSource) -> str:
 
     url = _mirrored(str(src.url))
     dest = Path(torch_hub_dir()) / "checkpoints" / os.path.basename(str(src.url))
-    log.info(f"downloading {url} into {dest.parent}")
 
     def write(fh) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "finetune"})
@@ -368,6 +366,8 @@ def fetch(src: WeightsSource, offline: bool | None = None) -> WeightsInfo:
         fresh = True
     url_named = fname is None
     digest = _verified(path, src, url_named=url_named, fresh=fresh)
+    if fresh:  # said once it worked: a failure is one line, the error
+        log.info(f"downloaded {src.label} ({os.path.getsize(path) / 1e6:.1f} MB) into {path}")
     if url_named:
         return WeightsInfo("url", path, digest, url=src.url, file=os.path.basename(path))
     return WeightsInfo("hub", path, digest, repo=src.repo, revision=_revision_of(path), file=fname)
@@ -407,3 +407,9 @@ def fetch_backbones(names: list[str]) -> list[tuple[str, WeightsInfo | None]]:
             )
         plan.append((name, src))
     return [(name, None if src is None else fetch(src, offline=False)) for name, src in plan]
+
+
+def cache_folders(infos: list[WeightsInfo | None]) -> list[str]:
+    """The cache folders holding these files: what to copy to a machine that will be offline."""
+    folders = [hf_cache_dir() if i.source == "hub" else os.path.dirname(str(i.path)) for i in infos if i]
+    return list(dict.fromkeys(folders))
