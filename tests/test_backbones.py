@@ -13,8 +13,8 @@ from typer.testing import CliRunner
 from finetune.cli import app
 from finetune.errors import BackboneError, WeightsError
 from finetune.models.backbone import build
-from finetune.models.fetch import status as weights_status
 from finetune.models.catalogue import ALIASES, resolve
+from finetune.models.fetch import status as weights_status
 
 runner = CliRunner()
 
@@ -189,3 +189,98 @@ def test_run_with_a_weights_file_works_offline(empty_hubs, make_folder, tmp_path
         ],
     )
     assert result.exit_code == 0, result.output
+
+
+# --------------------------------------------------------------------------- published layouts
+
+
+def _published_layouts(spec) -> list[dict]:
+    """The tensor names and shapes (meta tensors) of the files each catalogue entry's library publishes.
+
+    torchvision: its builder's model with what its weights need (GoogLeNet: aux heads on);
+    timm: its own state dict (Inception v3's torchvision-derived file keeps the aux head), and
+    for VGG also torchvision's layout, which timm's filter maps (its weights came from there).
+    """
+    import timm
+    import torchvision
+
+    if spec.source == "torchvision":
+        kwargs = {"aux_logits": True, "init_weights": False} if spec.arch == "googlenet" else {}
+        return [torchvision.models.get_model(spec.arch, **kwargs).state_dict()]
+    layouts = [timm.create_model(spec.model).state_dict()]
+    if spec.arch == "inception_v3":
+        layouts.append(timm.create_model(spec.model, aux_logits=True).state_dict())
+    if spec.arch in ("vgg16", "vgg19"):
+        layouts.append(torchvision.models.get_model(spec.arch).state_dict())
+    return layouts
+
+
+@pytest.mark.parametrize("name", [n for n, s in ALIASES.items() if s.has_weights])
+def test_every_catalogue_entry_loads_its_published_layout(name):
+    """Names and shapes only (the meta device holds no values): loading maps every published tensor
+    onto the network, and the result is the transfer architecture (no auxiliary heads left)."""
+    from finetune.models.backbone import bare_model, load_state
+
+    spec = ALIASES[name]
+    with torch.device("meta"):
+        want = {k: tuple(v.shape) for k, v in bare_model(spec).state_dict().items()}
+        for layout in _published_layouts(spec):
+            model = load_state(spec, layout)
+            assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == want, name
+            assert not any(k.split(".")[0] in ("aux1", "aux2", "AuxLogits") for k in want)
+
+
+def test_googlenet_file_with_aux_heads_loads_through_weights_and_values_arrive(tmp_path):
+    """torchvision's GoogLeNet file (20 aux* tensors) through --weights: aux built, loaded, dropped."""
+    import torchvision
+
+    torch.manual_seed(11)
+    published = torchvision.models.googlenet(aux_logits=True, init_weights=False, transform_input=True)
+    torch.save(published.state_dict(), tmp_path / "googlenet.pth")
+    bb = build("googlenet", weights_file=tmp_path / "googlenet.pth")
+    assert bb.model.aux1 is None and bb.model.transform_input
+    torch.testing.assert_close(
+        bb.model.inception5b.branch1.conv.weight, published.inception5b.branch1.conv.weight
+    )
+    # A transfer-trained GoogLeNet saved without its aux heads loads too.
+    torch.save(bb.model.state_dict(), tmp_path / "mine.pth")
+    again = build("tv:googlenet", weights_file=tmp_path / "mine.pth")
+    torch.testing.assert_close(again.model.fc.weight, published.fc.weight)
+
+
+def test_old_densenet_names_and_inception_aux_load_with_their_values(tmp_path):
+    """torchvision's DenseNet files use pre-0.4 names ("norm.1") and no BatchNorm counters."""
+    import re
+
+    import timm
+    import torchvision
+
+    torch.manual_seed(12)
+    dense = torchvision.models.densenet121()
+    old = {
+        re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", k): v
+        for k, v in dense.state_dict().items()
+        if not k.endswith("num_batches_tracked")
+    }
+    assert "features.denseblock1.denselayer1.norm.1.weight" in old
+    torch.save(old, tmp_path / "densenet121-a639ec97.pth")
+    bb = build("tv:densenet121", weights_file=tmp_path / "densenet121-a639ec97.pth")
+    torch.testing.assert_close(
+        bb.model.features.denseblock1.denselayer1.norm1.weight,
+        dense.features.denseblock1.denselayer1.norm1.weight,
+    )
+    inception = timm.create_model("inception_v3", aux_logits=True)
+    save_file(
+        {k: v.contiguous() for k, v in inception.state_dict().items()}, str(tmp_path / "inc.safetensors")
+    )
+    bb = build("inception_v3", weights_file=tmp_path / "inc.safetensors")
+    assert bb.model.AuxLogits is None
+    torch.testing.assert_close(bb.model.fc.weight, inception.fc.weight)
+
+
+def test_a_typo_gets_the_alias_it_meant():
+    line = _one_error_line(runner.invoke(app, ["backbones", "efficientnet-lite0"]))
+    meant = line.split("did you mean ")[1]
+    assert meant.startswith("lite0 (tf_efficientnet_lite0)") and "tf_efficientnet_lite0" in meant
+    with pytest.raises(BackboneError, match=r"did you mean googlenet \(tv:googlenet\)"):
+        resolve("googlenet_v1")
