@@ -366,8 +366,8 @@ def fetch(src: WeightsSource, offline: bool | None = None) -> WeightsInfo:
         fresh = True
     url_named = fname is None
     digest = _verified(path, src, url_named=url_named, fresh=fresh)
-    if fresh:  # said once it worked: a failure is one line, the error
-        log.info(f"downloaded {src.label} ({os.path.getsize(path) / 1e6:.1f} MB) into {path}")
+    if fresh:  # the progress bar showed it; a refusal that follows stays one line
+        log.debug(f"downloaded {os.path.getsize(path) / 1e6:.1f} MB into {path}")
     if url_named:
         return WeightsInfo("url", path, digest, url=src.url, file=os.path.basename(path))
     return WeightsInfo("hub", path, digest, repo=src.repo, revision=_revision_of(path), file=fname)

@@ -73,6 +73,8 @@ def read_state_dict(path: str | os.PathLike) -> dict:
     path = Path(path)
     if not path.is_file():
         raise WeightsError(f"weights file {path} does not exist", "check the path given to --weights")
+    from safetensors import SafetensorError
+
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
@@ -80,7 +82,15 @@ def read_state_dict(path: str | os.PathLike) -> dict:
             state = load_file(str(path))
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError, OSError, AttributeError) as err:
+    except (
+        pickle.UnpicklingError,
+        SafetensorError,  # not a safetensors file (a pickle under that name): no Exception subclass we list
+        RuntimeError,
+        ValueError,
+        EOFError,
+        OSError,
+        AttributeError,
+    ) as err:
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise WeightsError(
             f"refused to load {path.name}: not a plain tensor file ({first[:120]})",
