@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 import pickle
 
@@ -284,3 +285,128 @@ def test_a_typo_gets_the_alias_it_meant():
     assert meant.startswith("lite0 (tf_efficientnet_lite0)") and "tf_efficientnet_lite0" in meant
     with pytest.raises(BackboneError, match=r"did you mean googlenet \(tv:googlenet\)"):
         resolve("googlenet_v1")
+
+
+# --------------------------------------------------------------------------- any timm CNN: its feature levels
+
+
+def _level_hooks(model, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Reference: every feature_info module's output on the untouched network (forward hooks),
+    globally averaged by hand: over H, W of (B, C, H, W), or of (B, H, W, C) for NHWC blocks."""
+    seen = {}
+
+    def keep(out, info):
+        nhwc = out.shape[-1] == info["num_chs"] and out.shape[1] != info["num_chs"]
+        seen[info["module"]] = out.mean(dim=(1, 2) if nhwc else (2, 3)).detach().clone()  # (B, C)
+
+    handles = [
+        model.get_submodule(f["module"]).register_forward_hook(lambda m, a, out, info=f: keep(out, info))
+        for f in model.feature_info
+    ]
+    with torch.no_grad():
+        model(x)
+    for h in handles:
+        h.remove()
+    return seen
+
+
+@pytest.mark.parametrize("name", ["test_convnext", "test_byobnet", "test_nfnet", "test_mambaout"])
+def test_a_timm_cnn_without_a_rule_is_cut_at_timm_s_feature_levels(name):
+    """Stage taps equal a hook on the module timm names for that level (pooled by hand, NHWC blocks
+    included); the cut network keeps only what lies below; stages cover every parameter once."""
+    import timm
+
+    from finetune.models import anatomy
+
+    torch.manual_seed(0)
+    model = timm.create_model(name).eval()
+    assert type(model).__module__ + "." + type(model).__qualname__ not in anatomy.RULES
+    state = model.state_dict()
+    x = torch.randn(2, 3, 96, 96, generator=torch.Generator().manual_seed(0))  # no level has H == C
+    hooks = _level_hooks(model, x)
+    names = anatomy.taps(model)
+    levels = [f["module"] for f in model.feature_info]
+    assert names[-1] == "pool" and len(names) - 1 == len(levels)
+    stage_taps = [t for t in names if t.startswith("stage")]
+    assert stage_taps == [f"stage{i}" for i in range(1, len(stage_taps) + 1)]
+    owned = [p for s in anatomy.stages(model) for p in s.params]
+    assert sorted(owned) == sorted(n for n, _ in model.named_parameters())
+
+    with torch.no_grad():
+        for tap, module in zip(names, levels):
+            trunk = anatomy.build_trunk(copy.deepcopy(model), tap)
+            torch.testing.assert_close(trunk(x), hooks[module])  # (B, C_i)
+            assert set(trunk.state_dict()) <= {f"net.{k}" for k in state}
+        top = anatomy.build_trunk(copy.deepcopy(model), names[0])
+        assert len(top.state_dict()) < len(state) / 2  # the levels above are gone, not just unused
+        multi = anatomy.build_multi_trunk(copy.deepcopy(model), names)(x)
+        pool = model.forward_head(model.forward_features(x), pre_logits=True)
+        for tap, out, module in zip(names, multi, [*levels, None]):
+            torch.testing.assert_close(out, pool if tap == "pool" else hooks[module])
+
+
+@pytest.mark.parametrize(
+    ("name", "stem_tap", "levels"),
+    [
+        ("convnext_tiny", False, 4),
+        ("regnety_016", True, 4),
+        ("efficientnetv2_rw_s", True, 6),
+        ("resnet50d", True, 4),
+    ],
+)
+def test_real_timm_architectures_get_stages_and_a_stage2_cut(name, stem_tap, levels):
+    """Built without weights: the architectures the README names, each cut at stage2 and read
+    (only shapes are checked: every value is zero)."""
+    from finetune.models import anatomy
+
+    with torch.device("meta"):  # the architecture without its init (seconds on CPU); values unused
+        model = build(name, pretrained=False).model
+    model = model.to_empty(device="cpu")
+    for t in model.state_dict().values():
+        t.zero_()  # not uninitialised memory: denormals there make a CPU forward crawl
+    names = anatomy.taps(model)
+    assert names == ["stem"] * stem_tap + [f"stage{i}" for i in range(1, levels + 1)] + ["pool"]
+    assert [s.name for s in anatomy.stages(model)][:2] == ["stem", "stage1"]
+    shapes = anatomy.tap_shapes(model, 64)
+    trunk = anatomy.build_trunk(model, "stage2")
+    with torch.no_grad():
+        out = trunk(torch.randn(1, 3, 64, 64))
+    assert tuple(out.shape) == (1, shapes["stage2"][0])
+
+
+def test_a_timm_net_timm_cannot_cut_keeps_its_stages_and_refuses_stage_taps():
+    import timm
+
+    from finetune.models import anatomy
+
+    base = type(timm.create_model("test_convnext"))
+    uncuttable = type("NoIntermediates", (base,), {"forward_intermediates": None})
+    model = uncuttable(**{"depths": (1, 2, 4, 2), "dims": (24, 32, 48, 64), "conv_mlp": False})
+    model.pretrained_cfg = timm.models.get_pretrained_cfg("test_convnext").to_dict()
+    assert anatomy.taps(model) == ["pool"]
+    assert [s.name for s in anatomy.stages(model)][:2] == ["stem", "stage1"]
+    with pytest.raises(BackboneError, match="cannot be cut at stage2.*forward_intermediates"):
+        anatomy.build_trunk(model, "stage2")
+
+
+def test_stage_probe_extract_features_and_partial_finetune_on_a_timm_cnn(make_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("FINETUNE_ENGINE", "torch")
+    data = make_folder({"a": 6, "b": 6}, size=32)
+    common = ["--backbone", "test_convnext", "--no-pretrained", "--workers", "0"]
+    res = runner.invoke(app, ["extract-features", str(data), *common, "--layer", "stage2", "--layer", "pool",
+                              "-o", str(tmp_path / "f.npz"), "--no-cache"])  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "stage2 32" in res.output  # test_convnext's second level has 32 channels
+    for strategy in ("stage-probe", "partial-finetune"):
+        args = ["run", str(data), *common, "--strategy", strategy, "--set", "image_size=32", "--no-cache",
+                "-o", str(tmp_path / "runs")]  # fmt: skip
+        if strategy == "partial-finetune":
+            args += ["--set", "epochs=1"]
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+    line = _one_error_line(
+        runner.invoke(
+            app, ["extract-features", str(data), *common, "--layer", "stem", "-o", str(tmp_path / "g.npz")]
+        )
+    )
+    assert "stage1" in line  # test_convnext's first level is already a stage: no stem tap, the choices named
