@@ -443,3 +443,47 @@ def test_published_sources_of_the_catalogue():
     alex = published(resolve("alexnet"))
     assert alex.url == torchvision.models.AlexNet_Weights.DEFAULT.url and alex.repo is None
     assert published(resolve("lenet5")) is None and published(resolve("zfnet")) is None
+
+
+# --------------------------------------------------------------------------- the README's headline command
+
+
+def _vgg16_published() -> bytes:
+    """timm's vgg16.tv_in1k layout (its Hub file's names and shapes), seeded random values, as safetensors."""
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in build("vgg16", pretrained=False).model.state_dict().items()}
+    g = torch.Generator().manual_seed(16)
+    return tensors_file({k: torch.randn(s, generator=g) * 0.01 for k, s in shapes.items()})
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    os.environ.get("FINETUNE_HEADLINE_TEST") != "1",
+    reason="550 MB of vgg16 weights, ~30 s and 3.5 GB: FINETUNE_HEADLINE_TEST=1 pytest -k headline "
+    "(the same path runs by default with test_resnet above)",
+)
+def test_headline_vgg16_linear_probe_online_then_offline_after_fetch(net, make_folder, tmp_path, monkeypatch):
+    """`finetune run ./mydata --backbone vgg16 --strategy linear-probe` on a connected machine (the
+    loopback Hub), then `finetune fetch vgg16`, the cache copied, and the same command offline."""
+    blob = _vgg16_published()
+    net.hub[("timm/vgg16.tv_in1k", "model.safetensors")] = blob
+    data = make_folder({"cat": 6, "dog": 6}, size=32, name="mydata")
+    headline = ["run", str(data), "--backbone", "vgg16", "--strategy", "linear-probe",
+                "--set", "image_size=32", "--workers", "0"]  # fmt: skip
+
+    res = runner.invoke(app, [*headline, "-o", str(tmp_path / "runs-online")])
+    assert res.exit_code == 0, res.output
+    assert net.gets("/lfs/" + hashlib.sha256(blob).hexdigest()) == 1
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "connected"))  # another machine's empty cache: fetch there
+    res = runner.invoke(app, ["fetch", "vgg16"])
+    assert res.exit_code == 0, res.output
+    assert net.gets("/lfs/" + hashlib.sha256(blob).hexdigest()) == 2
+    net.stop()
+    shutil.copytree(tmp_path / "connected", tmp_path / "offline", symlinks=True)  # cp -a
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "offline"))
+    res = runner.invoke(app, [*headline, "--offline", "-o", str(tmp_path / "runs-offline")])
+    assert res.exit_code == 0, res.output
+    config = json.loads((next((tmp_path / "runs-offline").iterdir()) / "config.json").read_text())
+    assert config["weights"]["sha256"] == hashlib.sha256(blob).hexdigest()
+    assert config["weights"]["repo"] == "timm/vgg16.tv_in1k" and config["tap"] == "pool"
