@@ -388,6 +388,40 @@ def test_unreachable_url_is_one_line(net, monkeypatch, make_folder, tmp_path):
     )
 
 
+def test_a_url_download_shows_its_size_and_speed(net, monkeypatch, capsys):
+    blob = torch_file(seeded_state("tv:squeezenet1_1", seed=9))
+    name = tv_publish(net, monkeypatch, "squeezenet1_1", blob)
+    monkeypatch.setenv("FINETUNE_PROGRESS", "1")
+    fetch(published(resolve("tv:squeezenet1_1")))
+    err = capsys.readouterr().err
+    assert name in err and "100%" in err and "B/s" in err and f"{len(blob) / 1e6:.2f}M" in err
+
+
+def test_the_environment_set_before_the_process_starts_is_honoured(net, tmp_path):
+    """A real `finetune` process: huggingface_hub reads HF_ENDPOINT / HF_HUB_OFFLINE at import."""
+    import subprocess
+    import sys
+
+    repo = published(resolve("test_resnet")).repo
+    blob = tensors_file(seeded_state("test_resnet", seed=10))
+    net.hub[(repo, "model.safetensors")] = blob
+    env = {**os.environ, "FINETUNE_PROGRESS": "0"}
+
+    def finetune(*args, **extra):
+        return subprocess.run([sys.executable, "-m", "finetune", *args], env={**env, **extra},
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+
+    offline = finetune("fetch", "test_resnet", HF_HUB_OFFLINE="1")
+    assert offline.returncode == 2 and "offline mode is on" in offline.stderr
+    assert sum(net.requests.values()) == 0
+    online = finetune("fetch", "test_resnet")
+    assert online.returncode == 0, online.stderr
+    assert hashlib.sha256(blob).hexdigest() in online.stdout
+    assert net.gets("/lfs/" + hashlib.sha256(blob).hexdigest()) == 1
+    listed = finetune("backbones", "test_resnet", HF_HUB_OFFLINE="1")
+    assert f"weights: cached ({len(blob) / 1e6:.1f} MB)" in listed.stdout
+
+
 # --------------------------------------------------------------------------- finetune fetch, then offline
 
 

@@ -328,3 +328,18 @@ def test_no_unpickling_or_unfiltered_archive_extraction_anywhere():
         assert _keyword(node, "filter") in ("data", "tar"), (
             f"{fname}:{node.lineno} extractall without a safe filter"
         )
+
+
+def test_no_framework_loader_that_unpickles_is_called():
+    """torchvision's weights loader and torch.hub's unpickle with weights_only=False; timm's hub loader
+    is ours to replace too: nothing in the package calls them, and torchvision builds with weights=None."""
+    for banned in (
+        "get_state_dict",
+        "load_state_dict_from_url",
+        "load_state_dict_from_hf",
+        "load_pretrained",
+    ):
+        found = [f"{f}:{n.lineno}" for f, n in _calls(banned)]
+        assert not found, (banned, found)
+    for fname, node in _calls("get_model"):
+        assert _keyword(node, "weights") is None, f"{fname}:{node.lineno} builds torchvision with weights"

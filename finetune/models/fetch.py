@@ -211,20 +211,16 @@ def _expected_hash(path: str, url_named: bool) -> tuple[str, str] | None:
     return (blob, "the sha256 the Hub published for it (its ETag)") if _SHA256.fullmatch(blob) else None
 
 
-def _verified(path: str, src: WeightsSource, url_named: bool, fresh: bool) -> str:
-    """The file's sha256, after checking it against what the source publishes.
+def _check(path: str, digest: str, src: WeightsSource, url_named: bool, fresh: bool) -> None:
+    """Refuse a file whose sha256 is not what its source publishes.
 
-    A fresh download that does not match is deleted (never kept for a later run to load);
-    a cached one is refused, with the command that replaces it.
+    A fresh download is not kept (the caller's temp file goes, or the Hub's blob is deleted);
+    a cached file is refused, with the command that replaces it.
     """
-    from finetune.io import sha256_file
-
-    digest = sha256_file(path)
     expected = _expected_hash(path, url_named)
     if expected is None or digest.startswith(expected[0]):
-        return digest
+        return
     if fresh:
-        _discard(path)
         raise WeightsError(
             f"the download of {src.label} does not match {expected[1]} (got sha256 {digest[:16]}…); "
             "it was not kept",
@@ -235,6 +231,20 @@ def _verified(path: str, src: WeightsSource, url_named: bool, fresh: bool) -> st
         f"{path} does not match {expected[1]} (sha256 {digest[:16]}…): a damaged or foreign file",
         f"delete it and run `finetune fetch {src.name}`",
     )
+
+
+def _verified_hub_download(path: str, src: WeightsSource) -> str:
+    """The sha256 of a file huggingface_hub just downloaded, checked against its blob name (the
+    ETag); it renamed the file into place after a size check only, so a mismatch is deleted here."""
+    from finetune.io import sha256_file
+
+    digest = sha256_file(path)
+    try:
+        _check(path, digest, src, url_named=False, fresh=True)
+    except WeightsError:
+        _discard(path)
+        raise
+    return digest
 
 
 def _discard(path: str) -> None:
@@ -300,8 +310,10 @@ def _download_hub(src: WeightsSource) -> tuple[str, str]:
     )
 
 
-def _download_url(src: WeightsSource) -> str:
-    """Stream the URL (or its mirror) into `$TORCH_HOME/hub/checkpoints/`, renamed only when complete."""
+def _download_url(src: WeightsSource) -> tuple[str, str]:
+    """(path, sha256): the URL (or its mirror) streamed into `$TORCH_HOME/hub/checkpoints/`,
+    renamed into place only once complete and matching the sha256 prefix its name carries."""
+    import hashlib
     import http.client
     import urllib.error
     import urllib.request
@@ -313,6 +325,7 @@ def _download_url(src: WeightsSource) -> str:
 
     url = _mirrored(str(src.url))
     dest = Path(torch_hub_dir()) / "checkpoints" / os.path.basename(str(src.url))
+    sha = hashlib.sha256()
 
     def write(fh) -> None:
         request = urllib.request.Request(url, headers={"User-Agent": "finetune"})
@@ -323,6 +336,7 @@ def _download_url(src: WeightsSource) -> str:
             with bar:  # size, bytes done and speed, as huggingface_hub shows its own downloads
                 while chunk := resp.read(1 << 20):
                     fh.write(chunk)
+                    sha.update(chunk)
                     done += len(chunk)
                     bar.update(len(chunk))
         if total is not None and done != total:
@@ -330,13 +344,14 @@ def _download_url(src: WeightsSource) -> str:
                 f"the download of {url} was cut short ({done} of {total} bytes); it was not kept",
                 f"run `finetune fetch {src.name}` again",
             )
+        _check(str(dest), sha.hexdigest(), src, url_named=True, fresh=True)  # raising here keeps nothing
 
     try:
         atomic_write(dest, write)  # a temp file in the same folder, renamed only after `write` returns
     except (urllib.error.URLError, http.client.HTTPException, OSError) as err:
         reason = getattr(err, "reason", None) or err
         raise _cannot(src, _first_line(reason if isinstance(reason, BaseException) else err)) from None
-    return str(dest)
+    return str(dest), sha.hexdigest()
 
 
 # --------------------------------------------------------------------------- the one entry point
@@ -348,10 +363,14 @@ def fetch(src: WeightsSource, offline: bool | None = None) -> WeightsInfo:
     Raises:
         WeightsError: offline and not cached, unreachable, cut short, or not the published file.
     """
-    fresh = False
+    from finetune.io import sha256_file
+
     hit = _hub_cached(src) if src.repo else None
     path, fname = hit if hit else (_url_cached(src), None)
-    if path is None:
+    if path is not None:  # cached: checked on every use, the sha256 is computed for the record anyway
+        digest = sha256_file(path)
+        _check(path, digest, src, url_named=fname is None, fresh=False)
+    else:
         if offline_mode(offline):
             raise WeightsError(
                 f"{src.label} for {src.name} is not in the cache and offline mode is on "
@@ -361,14 +380,11 @@ def fetch(src: WeightsSource, offline: bool | None = None) -> WeightsInfo:
             )
         if src.repo:
             path, fname = _download_hub(src)
+            digest = _verified_hub_download(path, src)
         else:
-            path = _download_url(src)
-        fresh = True
-    url_named = fname is None
-    digest = _verified(path, src, url_named=url_named, fresh=fresh)
-    if fresh:  # the progress bar showed it; a refusal that follows stays one line
-        log.debug(f"downloaded {os.path.getsize(path) / 1e6:.1f} MB into {path}")
-    if url_named:
+            path, digest = _download_url(src)
+        log.debug(f"downloaded {os.path.getsize(path) / 1e6:.1f} MB into {path}")  # the bar showed it
+    if fname is None:
         return WeightsInfo("url", path, digest, url=src.url, file=os.path.basename(path))
     return WeightsInfo("hub", path, digest, repo=src.repo, revision=_revision_of(path), file=fname)
 
