@@ -192,6 +192,13 @@ class WeightsMap(str, Enum):
     positional = "positional"
 
 
+# Every command that may build a pretrained network takes it; FINETUNE_OFFLINE=1 or HF_HUB_OFFLINE=1
+# say the same.
+Offline = Annotated[
+    bool, typer.Option("--offline", help="Use only cached weights; never download (see `finetune fetch`).")
+]
+
+
 # --------------------------------------------------------------------------- run
 
 
@@ -241,6 +248,7 @@ def run(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
+    offline: Offline = False,
 ) -> None:
     """Train and evaluate a classifier on DATA; write a run folder.
 
@@ -271,6 +279,7 @@ def run(
         resume=resume,
         compile=compile_,
         cache=not no_cache,
+        offline=offline,
     )
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
@@ -365,6 +374,7 @@ def extract_features(
     labels: LabelsOpt = None,
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
+    offline: Offline = False,
 ) -> None:
     """Write the features of named layers (DeCAF-style) for every image of DATA.
 
@@ -387,6 +397,7 @@ def extract_features(
         val_fraction=val_fraction,
         seed=seed,
         labels_csv=labels,
+        offline=offline,
     )
     s = extract_to_file(opts)
     if not s.main:  # under torchrun only rank 0 reports
@@ -621,6 +632,7 @@ def advise(
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
     as_json: JsonOpt = False,
+    offline: Offline = False,
 ) -> None:
     """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
 
@@ -631,7 +643,12 @@ def advise(
     from finetune.data.index import scan
 
     advice = advise_data(
-        scan(data, labels_csv=labels), backbone=backbone, device=device, workers=workers, sample=sample
+        scan(data, labels_csv=labels),
+        backbone=backbone,
+        device=device,
+        workers=workers,
+        sample=sample,
+        offline=offline,
     )
     typer.echo(json.dumps(advice.to_dict(), indent=2) if as_json else format_advice(advice))
 
@@ -660,6 +677,7 @@ def compare(
     seed: SeedOpt = 0,
     device: DeviceOpt = "auto",
     workers: WorkersOpt = None,
+    offline: Offline = False,
 ) -> None:
     """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
 
@@ -679,6 +697,7 @@ def compare(
         seed=seed,
         device=device,
         workers=workers,
+        offline=offline,
     )
     rows, plot = compare_strategies(opts)
     typer.echo(format_rows(rows))
@@ -801,6 +820,32 @@ def backbones_cmd(
     from finetune.models.describe import catalogue_text, describe
 
     typer.echo(catalogue_text() if name is None else describe(name, taps, stages, input_size))
+
+
+@app.command("fetch")
+def fetch_cmd(
+    backbones: Annotated[list[str], typer.Argument(help="Backbone name(s): alias, timm name or tv:name.")],
+) -> None:
+    """Download backbones' ImageNet weights now, for a machine that will be offline; print what to copy.
+
+    Example: finetune fetch vgg16 alexnet resnet50
+    """
+    from finetune.models.fetch import cache_folders, fetch_backbones
+
+    fetched = fetch_backbones(backbones)
+    for name, info in fetched:
+        if info is None:
+            typer.echo(f"{name}: packaged with finetune, nothing to fetch")
+            continue
+        origin = f"{info.repo}@{(info.revision or '?')[:12]}" if info.repo else info.url
+        size = Path(info.path).stat().st_size / 1e6
+        typer.echo(f"{name}: {origin} {info.file}, {size:.1f} MB, sha256 {info.sha256}\n  {info.path}")
+    folders = cache_folders([info for _, info in fetched])
+    if folders:
+        typer.echo(
+            f"for an offline machine, copy {' and '.join(folders)} to the same place there "
+            "(cp -a keeps the Hub cache's links), or point HF_HOME / TORCH_HOME at the copies"
+        )
 
 
 def main() -> None:

@@ -42,6 +42,7 @@ class RunOptions:
     resume: str | Path | None = None
     compile: bool = False
     cache: bool = True
+    offline: bool = False  # published weights from the caches only (also FINETUNE_OFFLINE / HF_HUB_OFFLINE)
 
 
 @dataclass

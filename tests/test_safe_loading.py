@@ -24,6 +24,7 @@ from finetune.cli import app
 from finetune.errors import WeightsError
 from finetune.models.weights import read_state_dict
 from tests.conftest import one_line_error
+from tests.test_fetch import net as net  # the loopback Hub and URL host (a fixture)
 
 runner = CliRunner()
 TINY = ["--backbone", "test_efficientnet", "--no-pretrained"]
@@ -164,6 +165,116 @@ def test_pickle_in_a_features_file_is_refused_with_one_line(tmp_path, marker):
     assert not marker.exists()
 
 
+# --------------------------------------------------------------------------- every place weights come from
+
+
+def _armed_bytes(marker: Path) -> bytes:
+    """A torch.save file with test_resnet's first tensor name, whose unpickling creates `marker`."""
+    import io
+
+    buf = io.BytesIO()
+    torch.save({"conv1.0.weight": torch.zeros(1), "x": _Evil(marker)}, buf)
+    return buf.getvalue()
+
+
+def _refused(args: list[str], marker: Path, *needles: str) -> str:
+    line = one_line_error(runner.invoke(app, args), *needles)
+    assert not marker.exists()
+    return line
+
+
+@pytest.fixture
+def armed_env(net, image_folder, tmp_path, monkeypatch):  # noqa: F811 (pytest passes the fixture)
+    """A machine with the loopback Hub/URL host (tests/test_fetch.py), torch told to allow pickles."""
+    monkeypatch.setenv("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD", "1")
+    return (
+        net,
+        image_folder,
+        ["--out", str(tmp_path / "runs"), "--workers", "0", "--no-cache", "--set", "image_size=32"],
+    )
+
+
+def test_armed_pickle_as_packaged_weights_is_refused(armed_env, marker, tmp_path, monkeypatch):
+    import dataclasses
+
+    from finetune.models import weights
+
+    _, data, common = armed_env
+    (tmp_path / "lite0.pth").write_bytes(_armed_bytes(marker))
+    provider = dataclasses.replace(
+        weights.PACKAGED["tf_efficientnet_lite0"], locate=lambda m: str(tmp_path / "lite0.pth")
+    )
+    monkeypatch.setitem(weights.PACKAGED, "tf_efficientnet_lite0", provider)
+    _refused(["run", str(data), "--backbone", "lite0", *common], marker, "refused to load lite0.pth")
+
+
+def test_armed_pickle_in_the_hugging_face_cache_is_refused(armed_env, marker):
+    """Planted where a download lands, under its true sha256 (the ETag check passes): the reader refuses."""
+    import hashlib
+
+    from finetune.models.catalogue import resolve
+    from finetune.models.fetch import hf_cache_dir, published
+
+    _, data, common = armed_env
+    blob = _armed_bytes(marker)
+    repo = published(resolve("test_resnet")).repo
+    root = Path(hf_cache_dir()) / f"models--{repo.replace('/', '--')}"
+    (root / "refs").mkdir(parents=True)
+    (root / "refs" / "main").write_text("a" * 40)
+    (root / "blobs").mkdir()
+    (root / "blobs" / hashlib.sha256(blob).hexdigest()).write_bytes(blob)
+    (root / "snapshots" / ("a" * 40)).mkdir(parents=True)
+    (root / "snapshots" / ("a" * 40) / "pytorch_model.bin").symlink_to(
+        root / "blobs" / hashlib.sha256(blob).hexdigest()
+    )
+    args = ["run", str(data), "--backbone", "test_resnet", "--offline", *common]
+    _refused(args, marker, "refused to load pytorch_model.bin")
+    # The same bytes named model.safetensors are no safetensors file: refused too.
+    (root / "snapshots" / ("a" * 40) / "model.safetensors").write_bytes(blob)
+    _refused(args, marker, "refused to load model.safetensors")
+
+
+def test_armed_pickle_served_by_the_hub_is_refused(armed_env, marker):
+    from finetune.models.catalogue import resolve
+    from finetune.models.fetch import published
+
+    server, data, common = armed_env
+    repo = published(resolve("test_resnet")).repo
+    server.hub[(repo, "pytorch_model.bin")] = _armed_bytes(marker)  # no model.safetensors in this repo
+    _refused(
+        ["run", str(data), "--backbone", "test_resnet", *common], marker, "refused to load pytorch_model.bin"
+    )
+
+
+def test_armed_pickle_in_the_torch_hub_cache_is_refused(armed_env, marker, monkeypatch):
+    """The issue's example: a pickle at $TORCH_HOME/hub/checkpoints/alexnet-owt-7be5be79.pth."""
+    import hashlib
+
+    from finetune.models.fetch import torch_hub_dir
+    from tests.test_fetch import tv_publish
+
+    server, data, common = armed_env
+    checkpoints = Path(torch_hub_dir()) / "checkpoints"
+    checkpoints.mkdir(parents=True)
+    blob = _armed_bytes(marker)
+    (checkpoints / "alexnet-owt-7be5be79.pth").write_bytes(blob)
+    args = ["run", str(data), "--backbone", "alexnet", "--offline", *common]
+    _refused(args, marker, "alexnet-owt-7be5be79.pth", "does not match")
+    # Under a name whose hash prefix it does match, it reaches the reader: refused there.
+    name = f"alexnet-{hashlib.sha256(blob).hexdigest()[:8]}.pth"
+    (checkpoints / name).write_bytes(blob)
+    tv_publish(server, monkeypatch, "alexnet", blob, name)
+    _refused(args, marker, f"refused to load {name}")
+
+
+def test_armed_pickle_served_at_a_url_is_refused(armed_env, marker, monkeypatch):
+    from tests.test_fetch import tv_publish
+
+    server, data, common = armed_env
+    name = tv_publish(server, monkeypatch, "squeezenet1_1", _armed_bytes(marker))  # its true hash prefix
+    _refused(["run", str(data), "--backbone", "tv:squeezenet1_1", *common], marker, f"refused to load {name}")
+
+
 # --------------------------------------------------------------------------- the source itself
 
 
@@ -217,3 +328,18 @@ def test_no_unpickling_or_unfiltered_archive_extraction_anywhere():
         assert _keyword(node, "filter") in ("data", "tar"), (
             f"{fname}:{node.lineno} extractall without a safe filter"
         )
+
+
+def test_no_framework_loader_that_unpickles_is_called():
+    """torchvision's weights loader and torch.hub's unpickle with weights_only=False; timm's hub loader
+    is ours to replace too: nothing in the package calls them, and torchvision builds with weights=None."""
+    for banned in (
+        "get_state_dict",
+        "load_state_dict_from_url",
+        "load_state_dict_from_hf",
+        "load_pretrained",
+    ):
+        found = [f"{f}:{n.lineno}" for f, n in _calls(banned)]
+        assert not found, (banned, found)
+    for fname, node in _calls("get_model"):
+        assert _keyword(node, "weights") is None, f"{fname}:{node.lineno} builds torchvision with weights"

@@ -135,11 +135,13 @@ def advise(
     cache: bool = True,
     weights_file: str | None = None,
     weights_map: str = "name",
+    offline: bool = False,
 ) -> Advice:
     """Measure the data and pick the cell. The backbone must carry ImageNet weights.
 
     `cache`: read and write the per-image familiarity in the feature cache (and the backbone card).
     `weights_file`, `weights_map`: as `run --weights`, so auto measures the network it will train.
+    `offline`: published weights from the caches only, never downloaded.
     """
     from finetune.data.loader import default_workers
     from finetune.features.cache import cache_writable
@@ -148,7 +150,9 @@ def advise(
 
     device = check_device(device)
     cache = cache and cache_writable()
-    bb = open_backbone(backbone, weights_file=weights_file, weights_map=weights_map, cards=cache)
+    bb = open_backbone(
+        backbone, weights_file=weights_file, weights_map=weights_map, cards=cache, offline=offline
+    )
     if bb.weights.source == "random":
         raise BackboneError(
             f"{backbone} has no ImageNet weights here, so nothing transfers to measure",

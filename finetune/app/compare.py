@@ -30,6 +30,7 @@ class CompareOptions:
     seed: int = 0
     device: str = "auto"
     workers: int | None = None
+    offline: bool = False  # published weights from the caches only
 
 
 @dataclass(frozen=True)
@@ -104,6 +105,7 @@ def compare(opts: CompareOptions) -> tuple[list[CompareRow], Path]:
                 seed=opts.seed,
                 device=opts.device,
                 workers=opts.workers,
+                offline=opts.offline,
             ),
         )
         seconds = time.perf_counter() - t0

@@ -73,6 +73,7 @@ def resolve_strategy(opts: RunOptions, index: DatasetIndex) -> tuple[str, dict]:
         cache=opts.cache,
         weights_file=opts.weights,
         weights_map=opts.weights_map,
+        offline=opts.offline,
     )
     log.info(f"auto: {advice.strategy} — {advice.reason}")
     return advice.strategy, advice.to_dict()
@@ -167,6 +168,7 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         weights_map=opts.weights_map,
         cards=opts.cache,
         seed=recipe.seed,
+        offline=opts.offline,
     )
     check_image_size(recipe, bb.spec)
     if recipe.is_probe and recipe.layer != "all" and recipe.layer not in bb.tap_names:

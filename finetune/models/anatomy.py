@@ -13,8 +13,11 @@ reads::
     multi = build_multi_trunk(model, ["stage2", "pool"])   # one forward -> ((B, C2), (B, D))
 
 The parts come from a registry of rules keyed by the network's class (`RULES`); adding an
-architecture is adding a row. A timm model without a rule still gets stages from timm's own
-coarse `group_matcher`, and the `pool` tap.
+architecture is adding a row. Any other timm model is read from timm's own `feature_info` (the
+modules where timm says each feature level ends): `convnext_tiny`, `regnety_016`, ... get a stem,
+stage1..N and their taps, and are cut at a stage by timm itself (`prune_intermediate_layers`,
+`forward_intermediates`), so a head norm sized for the last stage or NHWC blocks are timm's
+business. A model timm gives no `forward_intermediates` keeps its stages but only the `pool` tap.
 """
 
 from __future__ import annotations
@@ -266,11 +269,103 @@ def _class_key(model: nn.Module) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
+def _deep_units(model: nn.Module, expand: set[str], prefix: str = "") -> list[tuple[str, nn.Module]]:
+    """Children in registration order, with every container named in `expand` opened (recursively)."""
+    out = []
+    for name, child in model.named_children():
+        path = f"{prefix}{name}"
+        if path in expand:
+            out += _deep_units(child, expand, path + ".")
+        else:
+            out.append((path, child))
+    return out
+
+
+def _feature_info(model: nn.Module) -> list[dict]:
+    info = getattr(model, "feature_info", None)
+    if not isinstance(info, list) or not hasattr(model, "pretrained_cfg"):
+        return []
+    return [f for f in info if isinstance(f, dict)]
+
+
+def feature_modules(model: nn.Module) -> list[str]:
+    """The module paths where timm says each feature level ends (`feature_info`), bottom -> top."""
+    return [str(f.get("module", "")) for f in _feature_info(model)]
+
+
+def _timm_features(model: nn.Module) -> list[Part] | None:
+    """Parts of a timm net that has no rule, from its `feature_info`.
+
+    Each feature module ends a stage. The units before the first one are the stem: with its own
+    tap when the first feature level is the stem's output (stride 2, or nothing with parameters
+    before it: ResNet's `act1`, RegNet's `stem`, NFNet's `stem.conv3`), untapped when it is
+    already a stage (ConvNeXt's `stages.0`, stride 4). Parametrised units after the last
+    level (a final norm or conv) join the last stage, whose tap stays timm's feature module;
+    the classifier's units are the head. None when timm's modules are not found in the network
+    (a network cut by `prune_intermediate_layers` keeps a found prefix: its lower levels).
+    """
+    wanted = feature_modules(model)
+    expand = {".".join(p.split(".")[:i]) for p in wanted for i in range(1, p.count(".") + 1)}
+    units = _deep_units(model, expand)
+    names = [u for u, _ in units]
+    found = [p for p in wanted if p in names]
+    if not found or found != wanted[: len(found)]:
+        return None
+    cfg = model.pretrained_cfg or {}
+    classifier = cfg.get("classifier") or ()
+    heads = (classifier,) if isinstance(classifier, str) else tuple(classifier)
+
+    def is_head(u: str) -> bool:
+        return any(c == u or c.startswith(u + ".") or u.startswith(c + ".") for c in heads)
+
+    first = names.index(found[0])
+    pre = [u for u, _ in units[:first] if not is_head(u)]
+    stride = int(_feature_info(model)[0].get("reduction", 1))
+    layout: list[Part] = []
+    if stride > 2 and any(_has_params(m) for _, m in units[:first]):
+        layout.append(Part("stem", tuple(pre), None))  # the first level is a stage: the stem has no tap
+        levels = [("stage", p) for p in found]
+    else:
+        levels = [("stem", found[0])] + [("stage", p) for p in found[1:]]
+    cur: list[str] = [] if layout else pre
+    n = 0
+    for u, _ in units[first:]:
+        if is_head(u):
+            continue
+        cur.append(u)
+        if levels and u == levels[0][1]:
+            kind, tap = levels.pop(0)
+            n += kind == "stage"
+            layout.append(Part("stem" if kind == "stem" else f"stage{n}", tuple(cur), tap))
+            cur = []
+    tail = [u for u in cur if _has_params(dict(units)[u])]
+    if tail:  # a final norm or 1x1 conv belongs to the last stage; the tap stays timm's feature
+        last = layout[-1]
+        layout[-1] = Part(last.name, last.modules + tuple(tail), last.tap)
+    head = [u for u, _ in units if is_head(u)]
+    if head:
+        layout.append(Part("head", tuple(head), None))
+    return layout
+
+
+def cut_by_timm(model: nn.Module) -> bool:
+    """True for a timm net read from `feature_info`, which timm itself can cut at a feature level."""
+    return (
+        RULES.get(_class_key(model)) is None
+        and not isinstance(model, Trunk)
+        and callable(getattr(model, "forward_intermediates", None))
+        and callable(getattr(model, "prune_intermediate_layers", None))
+        and _timm_features(model) is not None
+    )
+
+
 def parts(model: nn.Module) -> list[Part] | None:
     """The network's parts, bottom -> top, or None when no rule knows its architecture."""
     if isinstance(model, Trunk):
         return None
     rule = RULES.get(_class_key(model))
+    if rule is None and feature_modules(model):
+        rule = _timm_features  # any other timm net: timm's own feature levels
     tv_layout = isinstance(getattr(model, "features", None), nn.Sequential) and hasattr(model, "classifier")
     if rule is None and tv_layout:
         rule = partial(_features_classifier, fc_names=())  # other torchvision nets of this layout
@@ -330,16 +425,24 @@ def stages(model: nn.Module) -> list[Stage]:
 # --------------------------------------------------------------------------- taps
 
 
+def _tapped(model: nn.Module) -> list[Part]:
+    """Parts with a tap that can be read: a timm net without a rule only where timm can cut it."""
+    layout = parts(model) or []
+    if RULES.get(_class_key(model)) is None and feature_modules(model) and not cut_by_timm(model):
+        return []  # no forward_intermediates: its feature levels cannot be read without the whole head
+    return [p for p in layout if p.tap is not None]
+
+
 def taps(model: nn.Module) -> list[str]:
     """Tap names of a whole backbone, bottom -> top: stem, stage1..N, [fc6, fc7], pool."""
-    layout = parts(model) or []
-    return [p.name for p in layout if p.tap is not None] + ["pool"]
+    return [p.name for p in _tapped(model)] + ["pool"]
 
 
 def _tap_modules(model: nn.Module, names: Sequence[str]) -> tuple[list[str | None], int]:
     """Module path per tap (None for `pool`) and the index of the highest part needed."""
     layout = parts(model) or []
-    by_name = {p.name: (i, p) for i, p in enumerate(layout) if p.tap is not None}
+    readable = {p.name for p in _tapped(model)}
+    by_name = {p.name: (i, p) for i, p in enumerate(layout) if p.name in readable}
     paths: list[str | None] = []
     top = -1
     for name in names:
@@ -350,6 +453,12 @@ def _tap_modules(model: nn.Module, names: Sequence[str]) -> tuple[list[str | Non
             i, p = by_name[name]
             paths.append(p.tap)
             top = max(top, i)
+        elif any(p.name == name and p.tap for p in layout):
+            raise BackboneError(
+                f"{type(model).__name__} cannot be cut at {name}: timm gives it no forward_intermediates, "
+                "so its levels are not readable without its head",
+                "use the pool tap (linear-probe), or a catalogue backbone for stage taps",
+            )
         else:
             raise BackboneError(
                 f"unknown tap {name!r} for {type(model).__name__}", f"choose from {', '.join(taps(model))}"
@@ -436,11 +545,56 @@ class Trunk(nn.Module):
         return feats[0] if self.single else feats
 
 
+class Intermediates(Trunk):
+    """A timm net cut by timm: `prune_intermediate_layers` removes what lies above the highest
+    feature level asked for (keys unchanged), `forward_intermediates` returns the levels as NCHW
+    maps (whatever layout the blocks use inside). With `pool` asked for too, nothing is pruned
+    and the head gives the pooled pre-logits from the same forward.
+    """
+
+    def __init__(
+        self,
+        net: nn.Module,
+        names: Sequence[str],
+        paths: Sequence[str | None],
+        levels: Sequence[int | None],
+        pool: str,
+        single: bool,
+    ) -> None:
+        super().__init__(net, names, paths, pool, single)
+        self.levels = tuple(levels)  # feature_info index per tap; None for `pool`
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor | tuple[torch.Tensor, ...]:  # x: (B, 3, H, W)
+        wanted = sorted({i for i in self.levels if i is not None})
+        if None in self.levels:
+            final, maps = self.net.forward_intermediates(x, indices=wanted)
+            pooled = self.net.forward_head(final, pre_logits=True)  # (B, D)
+        else:
+            maps, pooled = self.net.forward_intermediates(x, indices=wanted, intermediates_only=True), None
+        by_level = dict(zip(wanted, maps, strict=True))  # each (B, C_i, H_i, W_i)
+        feats = tuple(pooled if i is None else _pool(by_level[i], self.pool) for i in self.levels)
+        return feats[0] if self.single else feats
+
+
+def _cut_by_timm(model: nn.Module, names: Sequence[str], pool: str, single: bool) -> nn.Module:
+    paths, _ = _tap_modules(model, names)
+    modules = feature_modules(model)
+    levels = [None if p is None else modules.index(p) for p in paths]
+    kept = sorted({i for i in levels if i is not None})
+    if None in levels:
+        _drop_head(model)  # the whole network runs; its classifier goes
+    else:
+        model.prune_intermediate_layers(kept, prune_norm=True, prune_head=True)
+    return Intermediates(model, names, paths, levels, pool, single)
+
+
 def _cut(model: nn.Module, names: Sequence[str], pool: str, single: bool) -> nn.Module:
     if pool not in POOLS:
         raise BackboneError(f"unknown pooling {pool!r}", f"choose from {', '.join(POOLS)}")
     if not names:
         raise BackboneError("no taps asked for", "name at least one, e.g. pool")
+    if cut_by_timm(model) and any(n != "pool" for n in names):
+        return _cut_by_timm(model, names, pool, single)
     paths, top = _tap_modules(model, names)
     layout = parts(model) or []
     for part in layout[top + 1 :]:

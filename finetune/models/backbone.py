@@ -14,23 +14,17 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from finetune.data.transforms import Preprocessing
 from finetune.errors import WeightsError
 from finetune.io import sha256_file
 from finetune.models.catalogue import ALIASES, DEFAULT_BACKBONE, BackboneSpec, resolve
-from finetune.models.weights import (
-    WeightsInfo,
-    apply_state,
-    hf_cache_dir,
-    hub_cached_file,
-    missing_weights_error,
-    packaged_file,
-    read_state_dict,
-    torch_hub_dir,
-)
+from finetune.models.fetch import fetch, published, tv_weights
+from finetune.models.weights import WeightsInfo, apply_state, packaged_file, read_state_dict
 
 log = logging.getLogger(__name__)
 
@@ -78,10 +72,10 @@ class Backbone:
         return self._tap_names
 
 
-def _create_timm(spec: BackboneSpec, state: dict | None = None, origin: str = "") -> Any:
+def _create_timm(spec: BackboneSpec, state: dict | None = None, origin: str = "", **extra: Any) -> Any:
     import timm
 
-    kwargs = dict(spec.kwargs)
+    kwargs = {**dict(spec.kwargs), **extra}
     if state is None:
         return timm.create_model(spec.model, pretrained=False, **kwargs)
     # The tensors were read by our own safe reader (no pickle) and are handed to timm as a state
@@ -97,15 +91,6 @@ def _create_timm(spec: BackboneSpec, state: dict | None = None, origin: str = ""
         ) from None
 
 
-def _tv_weights(arch: str):
-    import torchvision
-
-    try:
-        return torchvision.models.get_model_weights(arch).DEFAULT
-    except (ValueError, KeyError, AttributeError):
-        return None
-
-
 # torchvision nets whose train mode returns named tuples through auxiliary heads: built without them.
 TV_KWARGS: dict[str, dict[str, Any]] = {
     "googlenet": {"aux_logits": False, "init_weights": False},
@@ -113,18 +98,113 @@ TV_KWARGS: dict[str, dict[str, Any]] = {
 }
 
 
-def _create_torchvision(spec: BackboneSpec, with_weights: bool) -> Any:
+def _create_torchvision(spec: BackboneSpec, **extra: Any) -> Any:
     import torchvision
 
-    weights = _tv_weights(spec.arch) if with_weights else None
-    kwargs = {**TV_KWARGS.get(spec.arch, {}), **dict(spec.kwargs)}
-    return torchvision.models.get_model(spec.arch, weights=weights, **kwargs)
+    kwargs = {**TV_KWARGS.get(spec.arch, {}), **dict(spec.kwargs), **extra}
+    return torchvision.models.get_model(spec.arch, weights=None, **kwargs)
 
 
 def _create_builtin(spec: BackboneSpec) -> Any:
     from finetune.models import classic
 
     return classic.BUILDERS[spec.arch]()
+
+
+def bare_model(spec: BackboneSpec, **extra: Any) -> Any:
+    """The architecture with random weights (the framework's own init); `extra` constructor arguments."""
+    if spec.source == "timm":
+        return _create_timm(spec, **extra)
+    if spec.source == "torchvision":
+        return _create_torchvision(spec, **extra)
+    return _create_builtin(spec)
+
+
+@dataclass(frozen=True)
+class Loading:
+    """What a library's builder does around `load_state_dict` for one architecture, as data.
+
+    torchvision's own loader is never called (it unpickles with weights_only=False), nor timm's
+    download path: their builders' extra steps are these rows, applied to tensors our safe
+    reader has read.
+    """
+
+    aux: tuple[str, ...] = ()  # auxiliary heads: built when the file holds them, dropped after loading
+    kwargs: tuple[tuple[str, Any], ...] = ()  # constructor arguments that published weights need
+    rename: tuple[tuple[str, str], ...] = ()  # (regex, replacement): old tensor names -> current
+    meta_kwargs: Callable[[dict], dict] | None = None  # constructor arguments read off torchvision's meta
+
+    def renamed(self, state: dict) -> dict:
+        for pattern, repl in self.rename:
+            rx = re.compile(pattern)
+            state = {rx.sub(repl, k): v for k, v in state.items()}
+        return state
+
+    def has_aux(self, state: dict) -> bool:
+        return any(k.split(".", 1)[0] in self.aux for k in state)
+
+
+# DenseNet's published files predate '.'-free module names: "norm.1.weight" is now "norm1.weight".
+_DENSE_OLD = (
+    r"^(.*denselayer\d+\.(?:norm|relu|conv))\.((?:[12])\.(?:weight|bias|running_mean|running_var))$",
+    r"\1\2",
+)
+_TV_VIT = Loading(meta_kwargs=lambda meta: {"image_size": meta["min_size"][0]})
+
+# Keyed by the spec's model without its weight tag: "tv:<arch>" for torchvision, the timm name.
+LOADING: dict[str, Loading] = {
+    "tv:googlenet": Loading(aux=("aux1", "aux2"), kwargs=(("transform_input", True),)),
+    "tv:inception_v3": Loading(aux=("AuxLogits",), kwargs=(("transform_input", True),)),
+    "inception_v3": Loading(aux=("AuxLogits",)),  # timm's torchvision-derived file keeps the aux head
+    **{f"tv:densenet{n}": Loading(rename=(_DENSE_OLD,)) for n in (121, 161, 169, 201)},
+    **{f"tv:vit_{v}": _TV_VIT for v in ("b_16", "b_32", "l_16", "l_32", "h_14")},
+    "tv:maxvit_t": Loading(meta_kwargs=lambda meta: {"input_size": meta["min_size"]}),
+}
+
+
+def load_state(spec: BackboneSpec, state: dict, mapping: str = "name", origin: str = "") -> Any:
+    """The spec's network holding `state`: the one place a weights layout meets an architecture.
+
+    Loaded as the network's library loads its published file (`LOADING`: old names renamed,
+    auxiliary heads built for loading and then dropped for transfer), with tensors matched by
+    name (strict, shape-checked) or, with mapping="positional", by order. A timm file in another
+    layout (torchvision's VGG) then goes through timm's own filter.
+
+    Raises:
+        WeightsError: the tensors do not fit, with the first mismatch named.
+    """
+    rule = LOADING.get(spec.model.split(".")[0], Loading())
+    state = rule.renamed(state)
+    aux = rule.has_aux(state)
+    extra = dict(rule.kwargs) if spec.source == "torchvision" else {}
+    if rule.meta_kwargs is not None and (w := tv_weights(spec.arch)) is not None:
+        extra.update(rule.meta_kwargs(w.meta))
+    if aux:
+        extra["aux_logits"] = True
+    model = bare_model(spec, **extra)
+    try:
+        apply_state(model, state, mapping=mapping)
+    except WeightsError:
+        if spec.source != "timm" or mapping != "name":
+            raise
+        # A checkpoint in another layout (torchvision's VGG for timm's VGG): timm's own filter may map it.
+        try:
+            model = _create_timm(spec, state, origin, **extra)
+        except WeightsError:
+            pass
+        else:
+            return _without_aux(model, rule.aux if aux else ())
+        raise
+    return _without_aux(model, rule.aux if aux else ())
+
+
+def _without_aux(model: Any, heads: tuple[str, ...]) -> Any:
+    """Drop auxiliary heads once loaded: transfer reads and trains the main path only."""
+    if heads:
+        model.aux_logits = False
+        for name in heads:
+            setattr(model, name, None)
+    return model
 
 
 def _preprocessing_of(spec: BackboneSpec, model: Any) -> Preprocessing:
@@ -138,54 +218,12 @@ def _preprocessing_of(spec: BackboneSpec, model: Any) -> Preprocessing:
             interpolation=str(cfg.get("interpolation", "bicubic")),
         )
     if spec.source == "torchvision":
-        w = _tv_weights(spec.arch)
+        w = tv_weights(spec.arch)
         if w is not None:
             t = w.transforms()
             crop, resize = int(t.crop_size[0]), int(t.resize_size[0])
             return Preprocessing(crop, crop / resize, tuple(t.mean), tuple(t.std), t.interpolation.value)
     return getattr(model, "preprocessing", Preprocessing())
-
-
-def _timm_cfg(spec: BackboneSpec) -> dict:
-    import timm
-
-    cfg = timm.models.get_pretrained_cfg(spec.model)
-    return cfg.to_dict() if cfg is not None else {}
-
-
-def _hub_location(spec: BackboneSpec) -> tuple[str | None, str]:
-    """(cached file or None, where the file would go) in the framework's own hub cache."""
-    if spec.source == "timm":
-        cfg = _timm_cfg(spec)
-        found = hub_cached_file(cfg)
-        hf = cfg.get("hf_hub_id")
-        if hf:
-            hint = (
-                f"{hf_cache_dir()}/models--{hf.replace('/', '--')}/snapshots/<rev>/model.safetensors "
-                f"(e.g. `hf download {hf}` where there is network, then copy the cache)"
-            )
-        elif cfg.get("url"):
-            hint = os.path.join(torch_hub_dir(), "checkpoints", os.path.basename(cfg["url"]))
-        else:
-            hint = "nowhere (timm publishes no weights for it)"
-        return found, hint
-    if spec.source == "torchvision":
-        w = _tv_weights(spec.arch)
-        if w is None:
-            return None, "nowhere (torchvision publishes no weights for it)"
-        path = os.path.join(torch_hub_dir(), "checkpoints", os.path.basename(w.url))
-        return (path if os.path.isfile(path) else None), path
-    return None, "nowhere (no published weights)"
-
-
-def weights_status(spec: BackboneSpec) -> str:
-    """'packaged', 'cached', 'not available offline' or 'none published' — without loading weights."""
-    if not spec.has_weights:
-        return "none published"
-    if spec.source == "timm" and packaged_file(spec.model) is not None:
-        return "packaged"
-    found, _ = _hub_location(spec)
-    return "cached" if found else "not available offline"
 
 
 def build(
@@ -194,14 +232,17 @@ def build(
     weights_file: str | os.PathLike | None = None,
     weights_map: str = "name",
     seed: int | None = None,
+    offline: bool | None = None,
 ) -> Backbone:
     """Build a backbone in eval mode with weights resolved as in `weights.py`.
 
-    `seed` seeds torch first, so a random init (--no-pretrained) is reproducible.
+    `seed` seeds torch first, so a random init (--no-pretrained) is reproducible. Published
+    weights come from the framework's cache, or are downloaded once unless `offline` (or
+    FINETUNE_OFFLINE / HF_HUB_OFFLINE) says not to (`fetch.py`).
 
     Raises:
         BackboneError: unknown name.
-        WeightsError: no weights offline, an unsafe file, or a file that does not fit.
+        WeightsError: not cached offline, unreachable, an unsafe file, or a file that does not fit.
     """
     spec = name if isinstance(name, BackboneSpec) else resolve(name)
     if seed is not None:
@@ -210,7 +251,7 @@ def build(
         torch.manual_seed(seed)
     if spec.source == "builtin" and (pretrained and weights_file is None):
         pretrained = False  # nothing published: random init, said in the notes and by `backbones`
-    model, info = _build_model(spec, pretrained, weights_file, weights_map)
+    model, info = _build_model(spec, pretrained, weights_file, weights_map, offline)
     model.eval()
     return Backbone(spec=spec, model=model, preprocessing=_preprocessing_of(spec, model), weights=info)
 
@@ -276,6 +317,7 @@ def open_backbone(
     weights_map: str = "name",
     cards: bool = True,
     seed: int | None = None,
+    offline: bool | None = None,
 ) -> Backbone:
     """`build`, deferred when a card in the cache still describes the result.
 
@@ -286,7 +328,7 @@ def open_backbone(
     """
 
     def make() -> Backbone:
-        return build(name, pretrained, weights_file, weights_map, seed)
+        return build(name, pretrained, weights_file, weights_map, seed, offline)
 
     if not cards or not pretrained:
         return make()
@@ -302,52 +344,25 @@ def open_backbone(
     return bb
 
 
-def _load_file(spec: BackboneSpec, bare, weights_file, weights_map: str):
-    """A model with the tensors of `weights_file`, matched by name (or by position when asked)."""
-    state = read_state_dict(weights_file)
-    model = bare()
-    try:
-        apply_state(model, state, mapping=weights_map)
-    except WeightsError:
-        if spec.source != "timm" or weights_map != "name":
-            raise
-        # A checkpoint in another layout (torchvision's VGG for timm's VGG): timm's own filter may map it.
-        try:
-            return _create_timm(spec, state, os.fspath(weights_file))
-        except WeightsError:
-            pass
-        raise
-    return model
-
-
-def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map: str):
-    def bare():
-        if spec.source == "timm":
-            return _create_timm(spec)
-        if spec.source == "torchvision":
-            return _create_torchvision(spec, with_weights=False)
-        return _create_builtin(spec)
-
+def _build_model(spec: BackboneSpec, pretrained: bool, weights_file, weights_map: str, offline: bool | None):
     if weights_file is not None:
-        model = _load_file(spec, bare, weights_file, weights_map)
+        model = load_state(spec, read_state_dict(weights_file), weights_map, os.fspath(weights_file))
         return model, WeightsInfo("file", str(weights_file), sha256_file(weights_file))
     if not pretrained:
-        return bare(), WeightsInfo("random")
-    if spec.source == "timm":
-        packaged = packaged_file(spec.model)
-        if packaged is not None:
-            provider, path = packaged
-            model = bare()
-            apply_state(model, read_state_dict(path), mapping=provider.mapping)
-            return model, WeightsInfo("packaged", path, sha256_file(path))
-    found, hint = _hub_location(spec)
-    if found is None:
-        raise missing_weights_error(spec.name, hint)
-    if spec.source == "timm":
-        model = _create_timm(spec, read_state_dict(found), found)
-    else:
-        model = _create_torchvision(spec, with_weights=True)
-    return model, WeightsInfo("hub-cache", found, sha256_file(found))
+        return bare_model(spec), WeightsInfo("random")
+    packaged = packaged_file(spec.model) if spec.source == "timm" else None
+    if packaged is not None:
+        provider, path = packaged
+        model = load_state(spec, read_state_dict(path), provider.mapping, path)
+        return model, WeightsInfo("packaged", path, sha256_file(path))
+    src = published(spec)
+    if src is None:
+        raise WeightsError(
+            f"{spec.name} has no published ImageNet weights",
+            "pass --weights FILE (.safetensors or state dict), or --no-pretrained to train from random init",
+        )
+    info = fetch(src, offline)
+    return load_state(spec, read_state_dict(info.path), "name", info.path), info
 
 
 def num_parameters(model: Any) -> int:

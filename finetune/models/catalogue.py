@@ -79,7 +79,7 @@ ALIASES: dict[str, BackboneSpec] = dict(
             "tv:googlenet",
             "GoogLeNet / Inception v1 (2014)",
             32,
-            kwargs={"aux_logits": False, "transform_input": True, "init_weights": False},
+            kwargs={"transform_input": True},  # aux heads: built to load the file, then dropped
         ),
         _row("inception_v3", "inception_v3.tv_in1k", "Inception v3 (2015)", 75),
         _row("inception_v4", "inception_v4", "Inception v4 (2016)", 75),
@@ -119,10 +119,50 @@ def _timm_names() -> tuple[str, ...]:
     return tuple(timm.list_models())
 
 
+@lru_cache(maxsize=1)
+def _timm_with_weights() -> frozenset[str]:
+    import timm
+
+    return frozenset(n.split(".")[0] for n in timm.list_models(pretrained=True))
+
+
 def _tv_names() -> list[str]:
     import torchvision
 
     return list(torchvision.models.list_models(module=torchvision.models))
+
+
+def _normal(name: str) -> str:
+    return name.strip().lower().replace("-", "_").replace(" ", "_")
+
+
+def suggestions(name: str, n: int = 5) -> list[str]:
+    """Names a typo probably meant, catalogue aliases first, then timm names with published weights.
+
+    `efficientnet-lite0` -> lite0 (tf_efficientnet_lite0), efficientnet_lite0, tf_efficientnet_lite0:
+    close spellings (difflib) and names that contain the typed one or are contained in it.
+    """
+    key = _normal(name)
+    by_model = {spec.model.split(".")[0]: alias for alias, spec in ALIASES.items()}
+    names = list(dict.fromkeys([*ALIASES, *_timm_names()]))
+    close = difflib.get_close_matches(key, names, n=2 * n, cutoff=0.6)
+    within = [c for c in names if len(c) >= 4 and (c in key or key in c)]
+    found: list[str] = []
+    for c in [*close, *within]:
+        if c in by_model:  # the alias of a catalogue model: the name a person would use
+            found.append(by_model[c])
+        found.append(c)
+
+    def rank(c: str) -> tuple[int, int]:
+        return (0 if c in ALIASES else 1 if c in _timm_with_weights() else 2, 0 if c in close else 1)
+
+    ordered = sorted(dict.fromkeys(found), key=lambda c: (rank(c), found.index(c)))
+    return ordered[:n]
+
+
+def _label(name: str) -> str:
+    spec = ALIASES.get(name)
+    return f"{name} ({spec.model})" if spec is not None and spec.model != name else name
 
 
 def resolve(name: str) -> BackboneSpec:
@@ -133,7 +173,7 @@ def resolve(name: str) -> BackboneSpec:
     if key.startswith("tv:"):
         arch = key[3:]
         if arch not in _tv_names():
-            close = difflib.get_close_matches(arch, _tv_names(), n=4, cutoff=0.5)
+            close = difflib.get_close_matches(_normal(arch), _tv_names(), n=4, cutoff=0.5)
             raise BackboneError(
                 f"unknown torchvision model {arch!r}",
                 f"did you mean {', '.join('tv:' + c for c in close)}?"
@@ -148,7 +188,10 @@ def resolve(name: str) -> BackboneSpec:
     for spec in ALIASES.values():  # e.g. "tf_efficientnet_lite0" itself
         if spec.model == key:
             return spec
-    candidates = list(dict.fromkeys([*ALIASES, *_timm_names()]))
-    close = difflib.get_close_matches(key, candidates, n=5, cutoff=0.6)
-    hint = f"did you mean {', '.join(close)}?" if close else "run `finetune backbones` for the list"
+    close = suggestions(key)
+    hint = (
+        f"did you mean {', '.join(_label(c) for c in close)}?"
+        if close
+        else "run `finetune backbones` for the list"
+    )
     raise BackboneError(f"unknown backbone {name!r}", hint)

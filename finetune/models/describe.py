@@ -6,18 +6,9 @@ print(describe("vgg16", show_taps=True))       # taps with their output shapes
 
 from __future__ import annotations
 
-from finetune.models.backbone import (
-    _hub_location,
-    _meta_model,
-    _preprocessing_of,
-    num_parameters,
-    weights_status,
-)
+from finetune.models.backbone import _meta_model, _preprocessing_of, num_parameters
 from finetune.models.catalogue import ALIASES, resolve
-from finetune.models.weights import (
-    hf_cache_dir,
-    torch_hub_dir,
-)
+from finetune.models.fetch import MIRROR_VAR, cached_file, hf_cache_dir, published, status, torch_hub_dir
 
 
 def catalogue_rows() -> list[dict]:
@@ -37,7 +28,7 @@ def catalogue_rows() -> list[dict]:
                 "params": num_parameters(model),
                 "input": pre.input_size,
                 "min_input": spec.min_input,
-                "weights": weights_status(spec),
+                "weights": status(spec),
             }
         )
     return rows
@@ -65,8 +56,10 @@ def catalogue_text() -> str:
     return (
         f"{table}\n\nAny timm name (resnet50d, vgg16.tv_in1k) or torchvision name (tv:alexnet) works too."
         "\n"
-        "Weights, in order: --weights FILE, packaged, hub cache "
-        f"({hf_cache_dir()}, {torch_hub_dir()}/checkpoints); --no-pretrained for random init."
+        "Weights, in order: --weights FILE, packaged, the frameworks' caches "
+        f"({hf_cache_dir()}, {torch_hub_dir()}/checkpoints), else downloaded on first use\n"
+        f"(Hugging Face Hub: HF_ENDPOINT for a mirror; URLs: {MIRROR_VAR}); `finetune fetch NAME` downloads "
+        "ahead, --offline uses only the caches; --no-pretrained for random init."
     )
 
 
@@ -84,18 +77,19 @@ def describe(
     model = _meta_model(spec)
     pre = _preprocessing_of(spec, model)
     size = max(input_size or pre.input_size, spec.min_input)
-    found, where = _hub_location(spec)
-    status = weights_status(spec)
+    src = published(spec)
+    found = cached_file(src) if src is not None else None
+    state = status(spec)
     if found:
-        status += f" ({found})"
-    elif spec.has_weights and status != "packaged":
-        status += f"; hub cache: {where}"
+        state += f": {found}"
+    elif src is not None and state != "packaged":
+        state += f": {src.label}, into {src.where} (`finetune fetch {spec.name}`)"
     params = _millions(num_parameters(model))
     lines = [
         f"{spec.name}: {spec.model} ({spec.family or spec.source}), {params} parameters",
         f"input {pre.input_size} px (min {spec.min_input}), crop {pre.crop_pct:g}, mean {pre.mean}, "
         f"std {pre.std}, {pre.interpolation}",
-        f"weights: {status}",
+        f"weights: {state}",
     ]
     if spec.notes:
         lines.append(f"notes: {spec.notes}")

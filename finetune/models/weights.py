@@ -2,20 +2,21 @@
 
     1. --weights FILE      a .safetensors, or a state dict read with torch.load(weights_only=True)
     2. packaged            weights shipped inside an installed pip package (the default lite0)
-    3. hub cache           the frameworks' own caches (TORCH_HOME, HF_HOME), found by file lookup
+    3. published           the framework's cache, else downloaded once (`fetch.py`), unless offline
     4. otherwise           a WeightsError naming every remedy (or random init with --no-pretrained)
 
 Usage::
 
     state = read_state_dict("resnet18.safetensors")   # tensors only; a pickle with code is refused
     apply_state(model, state, mapping="name")         # strict, shape-checked, one-line errors
-    hub_cached_file(timm_cfg)                         # a path in HF_HOME / TORCH_HOME, or None
 
-`backbones.build` runs this order and records WeightsInfo(source, path, sha256) in the run.
+Every file, whatever its source, is read by `read_state_dict`; `backbone.build` runs this order
+and records a WeightsInfo (source, repo and revision or URL, file, sha256) in the run.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import pickle
@@ -30,12 +31,16 @@ from finetune.errors import WeightsError
 class WeightsInfo:
     """Where the weights of a built model came from."""
 
-    source: str  # "file" | "packaged" | "hub-cache" | "random"
+    source: str  # "file" | "packaged" | "hub" (Hugging Face) | "url" (torchvision, ...) | "random"
     path: str | None = None
     sha256: str | None = None
+    repo: str | None = None  # Hugging Face repo id, e.g. "timm/vgg16.tv_in1k"
+    revision: str | None = None  # the repo commit the file belongs to
+    url: str | None = None  # the published URL, e.g. torchvision's
+    file: str | None = None  # the file's name in the repo or at the URL
 
     def to_dict(self) -> dict:
-        return {"source": self.source, "path": self.path, "sha256": self.sha256}
+        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
@@ -78,8 +83,8 @@ def read_state_dict(path: str | os.PathLike) -> dict:
         else:
             state = torch.load(path, map_location="cpu", weights_only=True)
     except (
-        SafetensorError,
         pickle.UnpicklingError,
+        SafetensorError,  # not a safetensors file (a pickle under that name): no Exception subclass we list
         RuntimeError,
         ValueError,
         EOFError,
@@ -126,7 +131,9 @@ def apply_state(model, state: dict, mapping: str = "name", ignore_head: bool = F
     if mapping == "positional":
         state = map_positional(model, state)
     own = model.state_dict()
-    missing = [k for k in own if k not in state]
+    # Files saved before PyTorch 0.4.1 (torchvision's DenseNet, GoogLeNet, ...) have no BatchNorm
+    # step counters; torch's own loader fills them in, so their absence is no mismatch.
+    missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
     if ignore_head:
@@ -172,52 +179,3 @@ def packaged_file(model_name: str) -> tuple[PackagedWeights, str] | None:
         return None
     path = provider.locate(module)
     return (provider, path) if os.path.isfile(path) else None
-
-
-def hf_cache_dir() -> str:
-    """The Hugging Face hub cache, read from the environment now (huggingface_hub reads it at import)."""
-    if os.environ.get("HF_HUB_CACHE"):
-        return os.path.expanduser(os.environ["HF_HUB_CACHE"])
-    xdg = os.environ.get("XDG_CACHE_HOME", "~/.cache")
-    home = os.environ.get("HF_HOME") or os.path.join(xdg, "huggingface")
-    return os.path.join(os.path.expanduser(home), "hub")
-
-
-def torch_hub_dir() -> str:
-    """The torch hub folder (`$TORCH_HOME/hub`); its `checkpoints/` holds downloaded weights."""
-    import torch.hub
-
-    return torch.hub.get_dir()
-
-
-def hub_cached_file(pretrained_cfg: dict) -> str | None:
-    """The local file a timm/torchvision model would load, if it is already in the cache.
-
-    Found by file lookup only (`try_to_load_from_cache`, the torch hub checkpoints folder):
-    nothing is downloaded, nothing is loaded.
-    """
-    hf_id = pretrained_cfg.get("hf_hub_id")
-    if hf_id:
-        try:
-            from huggingface_hub import try_to_load_from_cache
-
-            for fname in ("model.safetensors", "pytorch_model.bin"):
-                found = try_to_load_from_cache(hf_id, fname, cache_dir=hf_cache_dir())
-                if isinstance(found, str) and os.path.isfile(found):
-                    return found
-        except ImportError:
-            pass
-    url = pretrained_cfg.get("url")
-    if url:
-        path = Path(torch_hub_dir()) / "checkpoints" / os.path.basename(url)
-        if path.is_file():
-            return str(path)
-    return None
-
-
-def missing_weights_error(name: str, hub_hint: str) -> WeightsError:
-    return WeightsError(
-        f"no ImageNet weights for {name} offline (not packaged, not in the hub cache)",
-        f"place them at {hub_hint}, or pass --weights FILE (.safetensors or state dict), "
-        "or --no-pretrained to train from random init",
-    )

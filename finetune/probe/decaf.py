@@ -44,6 +44,7 @@ class ExtractOptions:
     val_fraction: float = 0.2
     seed: int = 0
     labels_csv: str | os.PathLike | None = None
+    offline: bool = False  # published weights from the caches only
 
 
 @dataclass
@@ -89,7 +90,11 @@ def extract_to_file(opts: ExtractOptions) -> ExtractSummary:
     for problem in index.problems:
         log.info(f"skipped {problem.path}: {problem.reason}")
     bb = build(
-        opts.backbone, pretrained=opts.pretrained, weights_file=opts.weights, weights_map=opts.weights_map
+        opts.backbone,
+        pretrained=opts.pretrained,
+        weights_file=opts.weights,
+        weights_map=opts.weights_map,
+        offline=opts.offline,
     )
     layers = check_layers(bb.model, opts.layers or ("pool",))
     feats = extract_taps(
