@@ -27,7 +27,7 @@ except ImportError:  # pragma: no cover
     from click import echo
     from click import exceptions as click_errors
 
-from finetune.console import printable, setup_logging
+from finetune.console import printable, setup_logging, text_table
 from finetune.errors import FinetuneError
 
 
@@ -123,7 +123,10 @@ def run(
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
 ) -> None:
-    """Train and evaluate a classifier on DATA; write a run folder.
+    """Train and evaluate on DATA; write a run.
+
+    The strategy's recipe probes or fine-tunes the backbone; the run folder holds the model,
+    its metrics and report.html.
 
     Example: finetune run ./mydata --backbone vgg16 --strategy linear-probe
     """
@@ -173,7 +176,9 @@ def predict(
     ),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
 ) -> None:
-    """Classify images with a run's model (ImageNet labels when there is no run).
+    """Classify images with a run's model.
+
+    The newest run under --runs unless --run says which; ImageNet labels when there is none.
 
     Example: finetune predict img.jpg photos/ --top-k 3
     """
@@ -184,12 +189,20 @@ def predict(
         _echo_json({"source": result.source, "score_kind": result.score_kind, "rows": result.rows})
         return
     typer.echo(f"model: {result.source}")
-    for row in result.rows:
-        if "error" in row:
-            typer.echo(f"{printable(row['path'])}: skipped ({row['error']})")
-            continue
-        tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
-        typer.echo(f"{printable(row['path'])}: {tops}")
+    k = max((len(r.get("top", [])) for r in result.rows), default=1)
+    header = ["image"]
+    for rank in range(1, k + 1):
+        header += [f"class {rank}" if k > 1 else "class", result.score_kind]
+    lines = []
+    for row in (r for r in result.rows if "error" not in r):
+        cells = [row["path"]]
+        for t in row["top"]:
+            cells += [t["label"], f"{t['score']:.3f}"]
+        lines.append(cells + [""] * (len(header) - len(cells)))
+    if lines:
+        typer.echo(text_table(header, lines, right=range(2, 2 * k + 1, 2)))
+    for row in (r for r in result.rows if "error" in r):
+        typer.echo(f"skipped {printable(row['path'])}: {row['error']}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -199,7 +212,9 @@ def predict(
 def demo(
     out: Annotated[Path, typer.Option("--out", "-o", help="Where the run folder goes.")] = Path("runs"),
 ) -> None:
-    """Linear probe of the packaged backbone on sklearn's handwritten digits, as PNG files.
+    """Probe the packaged backbone on digits.
+
+    sklearn's handwritten digits are written as PNG files into the cache and probed with lite0.
 
     Example: finetune demo
     """
@@ -250,7 +265,9 @@ def extract_features(
     ] = 0.2,
     seed: Annotated[int, typer.Option(help="Seed of the recorded split.")] = 0,
 ) -> None:
-    """Write the features of named layers (DeCAF-style) for every image of DATA.
+    """Save named layers' features (DeCAF-style).
+
+    One pass over every image of DATA; one array per layer, with labels, paths and split.
 
     Example: finetune extract-features ./mydata --backbone alexnet --layer fc6 --layer fc7 -o feats.npz
     """
@@ -297,7 +314,9 @@ def probe(
     seed: Annotated[int, typer.Option(help="Seed of the first split.")] = 0,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable table.")] = False,
 ) -> None:
-    """Linear heads on saved features: layer x head table, accuracy mean ± std over splits.
+    """Linear heads on saved features, per layer.
+
+    A layer x head table of validation accuracy (0-1), mean ± std over seeded splits.
 
     Example: finetune probe feats.npz --head svm --repeats 5
     """
@@ -318,7 +337,7 @@ def probe(
     typer.echo(table.format())
 
 
-cache_app = typer.Typer(help="The feature cache: what it holds, and emptying it.", no_args_is_help=True)
+cache_app = typer.Typer(help="Show or empty the feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
@@ -326,7 +345,9 @@ app.add_typer(cache_app, name="cache")
 def cache_info_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
 ) -> None:
-    """Where the cache is and what it holds (one row per model x tap).
+    """Where the cache is and what it holds.
+
+    One row per feature set (model, weights, input size, decoder, tap), then the other parts.
 
     Example: finetune cache info --json
     """
@@ -337,28 +358,49 @@ def cache_info_cmd(
     if as_json:
         _echo_json({"root": str(cache_root()), "sets": rows, "other": parts})
         return
-    typer.echo(f"cache: {cache_root()}")
-    for r in rows:
-        typer.echo(
-            f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images "
-            f"{r['bytes'] / 2**20:8.1f} MiB"
-        )
-    total = sum(r["bytes"] for r in rows)
-    typer.echo(f"  {len(rows)} feature sets, {total / 2**20:.1f} MiB")
-    for p in parts.values():
-        typer.echo(f"  {p['files']} {p['what']}, {p['bytes'] / 2**20:.1f} MiB")
+    typer.echo(f"cache: {cache_root()}\n")
+    mib = 2**20
+    sets = [
+        [
+            r["model"],
+            r["weights"],
+            r["input_size"],
+            r["decoder"],
+            r["tap"],
+            r["pool"],
+            r["rows"],
+            f"{r['bytes'] / mib:.1f}",
+        ]
+        for r in rows
+    ]
+    header = ["model", "weights sha256", "size", "decoder", "tap", "pool", "images", "MiB"]
+    typer.echo(text_table(header, sets, right=(2, 6, 7), title=f"feature sets: {len(rows)}"))
+    other = [
+        [f"{sub}/", p["what"], p["files"], f"{p['bytes'] / mib:.1f}", "kept" if p["kept"] else "cleared"]
+        for sub, p in parts.items()
+    ]
+    typer.echo("")
+    typer.echo(text_table(["folder", "holds", "files", "MiB", "by cache clear"], other, right=(2, 3)))
+    total = sum(r["bytes"] for r in rows) + sum(p["bytes"] for p in parts.values() if not p["kept"])
+    typer.echo(f"\n`finetune cache clear` frees {total / mib:.1f} MiB")
 
 
 @cache_app.command("clear")
 def cache_clear_cmd() -> None:
-    """Delete cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
+    """Empty the cache; the demo's datasets stay.
+
+    Deletes cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
 
     Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
     """
-    from finetune.features.cache import cache_clear
+    from finetune.features.cache import cache_clear, cache_parts
+    from finetune.io import cache_root
 
     freed = cache_clear()
-    typer.echo(f"freed {freed / 2**20:.1f} MiB")
+    typer.echo(f"freed {freed / 2**20:.1f} MiB in {cache_root()}")
+    for sub, p in cache_parts().items():
+        if p["kept"] and p["files"]:
+            typer.echo(f"kept {sub}/ ({p['what']}: {p['files']} files, {p['bytes'] / 2**20:.1f} MiB)")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -375,7 +417,9 @@ def evaluate(
     workers: Annotated[int | None, typer.Option(help="Decode worker processes (default: cores).")] = None,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Images per forward pass.")] = 64,
 ) -> None:
-    """Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures of a run on a held-out folder.
+    """Judge a run on a held-out folder.
+
+    Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures, written under RUN/eval-*/.
 
     Example: finetune evaluate runs/20260101-120000-lite0-linear-probe ./holdout --out eval/
     """
@@ -417,7 +461,9 @@ def summary(
         bool, typer.Option("--compare", help="One line per backbone: params, MACs, memory, top-1/top-5.")
     ] = False,
 ) -> None:
-    """Per-layer table: output shape, activation memory, parameters, MACs (random weights, offline).
+    """Per-layer shapes, memory, parameters, MACs.
+
+    Computed on random weights, offline.
 
     Example: finetune summary tv:alexnet --input-size 227; finetune summary --compare alexnet vgg16 resnet50
     """
@@ -451,7 +497,9 @@ def check(
     decoder: Annotated[DecoderName | None, typer.Option(help="fast or pil (default: as extraction).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable report.")] = False,
 ) -> None:
-    """Report what a run would do with DATA: classes, skipped files and why, duplicates. Trains nothing.
+    """Check DATA as a run would read it.
+
+    Classes, skipped files and why, duplicates; trains nothing.
 
     Example: finetune check ./mydata
     """
@@ -485,7 +533,9 @@ def advise(
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable advice.")] = False,
 ) -> None:
-    """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
+    """Which strategy fits DATA, and why.
+
+    Measures how much data there is and how far it is from ImageNet, against two thresholds.
 
     Example: finetune advise ./mydata
     """
@@ -515,7 +565,9 @@ def compare(
     seed: Annotated[int, typer.Option(help="Seed of the shared split.")] = 0,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda, mps.")] = "auto",
 ) -> None:
-    """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
+    """Run several strategies on one split.
+
+    Prints a table and writes an accuracy-vs-time plot.
 
     Example: finetune compare ./mydata -s linear-probe -s stage-probe --set image_size=128
     """
@@ -553,7 +605,9 @@ def export(
         Path | None, typer.Option("--out", "-o", help="Model file (default RUN/export/model.FORMAT).")
     ] = None,
 ) -> None:
-    """Write a run's model as a standalone ONNX or torch.export file, with a JSON of its preprocessing.
+    """Save a run's model as ONNX or torch.export.
+
+    A standalone file, with a JSON of its preprocessing and class names.
 
     Example: finetune export runs/20261123-101500-lite0-linear-probe --format onnx
     """
@@ -568,7 +622,9 @@ def runs_cmd(
     out: Annotated[Path, typer.Option("--runs", help="Folder holding run folders.")] = Path("runs"),
     as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
 ) -> None:
-    """List past runs, newest first, with their headline accuracy.
+    """List past runs with their accuracy.
+
+    Newest first; the accuracy is the headline split's (test when there is one, else val).
 
     Example: finetune runs --runs runs
     """
@@ -581,18 +637,29 @@ def runs_cmd(
     if not rows:
         typer.echo(f"no runs under {out}; make one with `finetune run DATA` or `finetune demo`")
         return
-    typer.echo(f"{'run':<48}{'strategy':<18}{'tap':<8}{'accuracy':>9}{'seconds':>9}")
-    for r in rows:
-        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        typer.echo(f"{r['run']:<48}{r['strategy']:<18}{r['tap']:<8}{acc:>9}{secs:>9}")
+    cells = [
+        [
+            r["run"],
+            r["strategy"],
+            r["tap"],
+            r["classes"],
+            r["split"],
+            f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-",
+            f"{r['seconds']:.1f}" if r["seconds"] is not None else "-",
+        ]
+        for r in rows
+    ]
+    header = ["run", "strategy", "tap", "classes", "split", "accuracy", "seconds"]
+    typer.echo(text_table(header, cells, right=(3, 5, 6)))
 
 
 @app.command("recipes")
 def recipes_cmd(
     as_json: Annotated[bool, typer.Option("--json", help="Full resolved recipes.")] = False,
 ) -> None:
-    """List the packaged recipes (the four cells of the transfer-learning table) and their key settings.
+    """List the packaged recipes.
+
+    The four cells of the transfer-learning table, with their key settings.
 
     Example: finetune recipes
     """
@@ -625,7 +692,9 @@ def backbones_cmd(
     stages: Annotated[bool, typer.Option("--stages", help="Stages, bottom to top, with sizes.")] = False,
     input_size: Annotated[int | None, typer.Option(min=8, help="Input size for --taps shapes.")] = None,
 ) -> None:
-    """The catalogue: aliases, families, parameters, input size and weights status; or one backbone.
+    """List the backbones, or describe one.
+
+    Aliases, families, parameters, input size and weights status; with NAME, its taps and stages.
 
     Example: finetune backbones vgg16 --taps --stages
     """

@@ -170,7 +170,7 @@ class FeatureCache:
 
 
 def cache_info(root: Path | None = None) -> list[dict]:
-    """One row per cached feature set: model, tap, images, size on disk."""
+    """One row per cached feature set: model, weights sha256, input size, decoder, tap, images, bytes."""
     base = (root or cache_root()) / "features"
     rows = []
     if base.is_dir():
@@ -182,10 +182,14 @@ def cache_info(root: Path | None = None) -> list[dict]:
             shards = [m for m in d.glob("*.json") if m.with_suffix(".npy").is_file()]
             keys = sum(len(json.loads(m.read_text())) for m in shards)
             size = sum(f.stat().st_size for f in d.iterdir() if f.is_file())
+            pre = dict(ident.get("preprocessing") or [])  # (key, JSON text) pairs
             rows.append(
                 {
                     "id": d.name,
                     "model": ident.get("model", "?"),
+                    "weights": str(ident.get("weights_sha256", "?"))[:12],
+                    "input_size": json.loads(pre.get("input_size", "null")),
+                    "decoder": ident.get("decoder", "?"),
                     "tap": ident.get("tap", "?"),
                     "pool": ident.get("pool", "?"),
                     "rows": keys,
@@ -201,15 +205,17 @@ CACHE_PARTS = {
     "trunks": "cut networks",
     "backbones": "backbone cards",
 }
+KEPT_PARTS = {"datasets": "demo datasets"}  # listed by cache info, kept by cache clear
 
 
 def cache_parts(root: Path | None = None) -> dict[str, dict]:
-    """{folder: {"what", "files", "bytes"}} for the engines, cut networks and backbone cards."""
+    """{folder: {"what", "files", "bytes", "kept"}}: engines, cut networks, cards; datasets (kept)."""
     out = {}
-    for sub, what in CACHE_PARTS.items():
+    for sub, what in {**CACHE_PARTS, **KEPT_PARTS}.items():
         d = (root or cache_root()) / sub
         files = [f for f in d.rglob("*") if f.is_file()] if d.is_dir() else []
-        out[sub] = {"what": what, "files": len(files), "bytes": sum(f.stat().st_size for f in files)}
+        size = sum(f.stat().st_size for f in files)
+        out[sub] = {"what": what, "files": len(files), "bytes": size, "kept": sub in KEPT_PARTS}
     return out
 
 

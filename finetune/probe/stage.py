@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 
+from finetune.console import text_table
 from finetune.errors import DataError
 from finetune.features.extract import Features
 from finetune.method import Outcome, RunContext
@@ -28,12 +29,13 @@ def stage_taps(backbone) -> list[str]:
 
 
 def _table(rows: list[dict]) -> str:
-    best = max(rows, key=lambda r: r["accuracy"])
-    lines = [f"{'stage':<10} {'dim':>6} {'val acc':>8}  {'C':>7}"]
-    for r in rows:
-        mark = "  <- best" if r is best else ""
-        lines.append(f"{r['stage']:<10} {r['dim']:>6} {r['accuracy']:>8.4f}  {r['C']:>7g}{mark}")
-    return "\n".join(lines)
+    """The per-stage table as aligned text, the kept stage marked."""
+    best = max(rows, key=lambda r: r["accuracy"])  # the first of equals, as stage_probe keeps
+    cells = [
+        [r["stage"], r["dim"], f"{r['accuracy']:.4f}", f"{r['C']:g}", "<- kept" if r is best else ""]
+        for r in rows
+    ]
+    return text_table(["stage", "dim", "val accuracy", "C", ""], cells, right=(1, 2, 3))
 
 
 def stage_probe(ctx: RunContext) -> Outcome:
