@@ -19,6 +19,7 @@ import csv
 import functools
 import io
 import math
+import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -95,8 +96,23 @@ def _clip(text: Any, n: int = LABEL_CHARS, middle: bool = False) -> str:
 
 
 def short_names(class_names: Sequence[str], n: int = LABEL_CHARS) -> list[str]:
-    """Names cut to n characters in the middle (start and end kept); numbered if two cuts are equal."""
+    """Names of at most n characters that stay distinct: cut in the middle (start and end kept), or,
+    when that makes two equal, a window around where the names start to differ; numbered as a last resort.
+    """
     names = [_clip(c, n, middle=True) for c in class_names]
+    if len(set(names)) == len(names):
+        return names
+    full = [printable(str(c)) for c in class_names]
+    differ = len(os.path.commonprefix(full))  # names agree up to here
+    names = []
+    for text in full:
+        start = max(0, min(differ - n // 3, len(text) - n))  # a third of the window is shared context
+        piece = text[start : start + n]
+        if start > 0:
+            piece = "\u2026" + piece[1:]
+        if start + n < len(text):
+            piece = piece[:-1] + "\u2026"
+        names.append(piece)
     if len(set(names)) < len(names):
         names = [_clip(f"{i}: {c}", n, middle=True) for i, c in enumerate(class_names)]
     return names
@@ -200,7 +216,7 @@ def _large_matrix(cm: np.ndarray, class_names: Sequence[str], title: str):
         bars.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=bars.transAxes)
         bars.set_axis_off()
         return fig
-    names = [_clip(c, 30, middle=True) for c in class_names]
+    names = short_names(class_names, 30)
     labels = [f"{names[i]} [{i}] \u2192 {names[j]} [{j}]" for i, j, _ in top]
     counts = [n for _, _, n in top]
     y = np.arange(len(top))
@@ -230,10 +246,11 @@ def reliability_figure(bins: Sequence[Any], ece: float, title: str = "reliabilit
 
     fig = _figure(5.0, 5.4)
     top, low = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
-    lower = [b.lower for b in bins]
-    width = [b.upper - b.lower for b in bins]
+    lower = np.asarray([b.lower for b in bins])
+    width = np.asarray([b.upper - b.lower for b in bins])
+    left, inner = lower + 0.03 * width, 0.94 * width  # a sliver between bars: two full bins read as two
     top.bar(
-        lower, [b.accuracy for b in bins], width=width, align="edge", linewidth=0.6, label="accuracy", **BAR
+        left, [b.accuracy for b in bins], width=inner, align="edge", linewidth=0.6, label="accuracy", **BAR
     )
     top.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1.5, label="perfect calibration")
     top.set_xlim(0, 1)
@@ -242,7 +259,7 @@ def reliability_figure(bins: Sequence[Any], ece: float, title: str = "reliabilit
     top.set_title(f"{title}: ECE {ece:.4f}")
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
-    low.bar(lower, [b.count for b in bins], width=width, align="edge", color="#999999")
+    low.bar(left, [b.count for b in bins], width=inner, align="edge", color="#999999")
     low.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
     low.set_ylabel("images")
     low.set_xlabel("confidence (top-1 probability)")
@@ -273,7 +290,7 @@ def mistakes_figure(picks: Sequence[tuple[Path, dict]], score_kind: str = "proba
     """
     cols = min(4, max(1, len(picks)))
     nrows = max(1, math.ceil(len(picks) / cols))
-    fig = _figure(2.2 * cols, 2.5 * nrows)
+    fig = _figure(2.6 * cols, 2.6 * nrows)
     axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
     short = "p" if score_kind == "probability" else "score"
     for ax, (path, row) in zip(axes, picks, strict=False):
@@ -296,9 +313,9 @@ def mistakes_figure(picks: Sequence[tuple[Path, dict]], score_kind: str = "proba
         ax.set_title(
             "\n".join(
                 [
-                    _clip(Path(str(row["path"])).name, 30, middle=True),
-                    f"true {_clip(row['label'], 26)}",
-                    f"pred {_clip(row['pred'], 18)} ({short} {float(row['score']):.2f})",
+                    _clip(Path(str(row["path"])).name, 36, middle=True),
+                    f"true {_clip(row['label'], 34, middle=True)}",
+                    f"pred {_clip(row['pred'], 28, middle=True)} ({short} {float(row['score']):.2f})",
                 ]
             ),
             fontsize=7.5,

@@ -25,6 +25,7 @@ from finetune.app.figures import (
     confusion_figure,
     curves_figure,
     figure_bytes,
+    figure_size_px,
     mistakes_figure,
     read_history,
     reliability_figure,
@@ -37,6 +38,8 @@ FIGURES_DIR = "figures"
 REPORT_FILE = "report.html"
 CURVES_FILE = "curves.png"  # in the run folder itself, as the README promises
 MAX_LISTED_PROBLEMS = 200  # skipped/ignored files shown in the report; the rest are counted
+OPEN_TABLE_MAX_ROWS = 30  # longer per-class tables start folded (<details>), so the figures stay near
+WIDE_FIGURE_PX = 900  # a figure wider than this (the confusion matrix of many classes) gets the whole width
 
 
 def _console():
@@ -119,6 +122,7 @@ tr.chosen td { font-weight: bold; background: #eef6ee; }
 .note { color: #666; font-style: italic; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figs img { max-width: calc(50% - 0.5em); height: auto; border: 1px solid #eee; }
+.figs img.wide { max-width: 100%; }
 img { max-width: 100%; height: auto; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 code { font-size: 0.92em; }
@@ -138,10 +142,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _img(blob: bytes, alt: str, mime: str = "image/png") -> str:
-    """An <img> whose picture is inside the page (a base64 data: URI), with its alt text."""
+def _img(blob: bytes, alt: str, mime: str = "image/png", wide: bool = False) -> str:
+    """An <img> whose picture is inside the page (a base64 data: URI), with its alt text.
+
+    `wide`: the figure may take the page's whole width instead of half of it.
+    """
     data = base64.b64encode(blob).decode("ascii")
-    return f'<img src="data:{mime};base64,{data}" alt="{_e(alt)}">'
+    cls = ' class="wide"' if wide else ""
+    return f'<img{cls} src="data:{mime};base64,{data}" alt="{_e(alt)}">'
 
 
 def _table(
@@ -154,6 +162,13 @@ def _table(
         cells = "".join(f'<td class="{"l" if i < left else ""}">{_e(v)}</td>' for i, v in enumerate(row))
         body.append(f'<tr class="chosen">{cells}</tr>' if r == chosen else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _folded(summary: str, table: str) -> str:
+    """A long table folded under its summary line; a short one shown as it is."""
+    if table.count("<tr>") + table.count('<tr class="chosen">') <= OPEN_TABLE_MAX_ROWS + 1:
+        return table
+    return f"<details><summary>{_e(summary)}</summary>{table}</details>"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -281,7 +296,11 @@ def _data_section(config: dict, problems: dict | None) -> str:
     parts = [
         '<section id="data"><h2>Data</h2>',
         f"<p>folder <code>{_e(data.get('root', '?'))}</code>, layout {_e(data.get('layout', '?'))}</p>",
-        _table(["class"] + splits + ["all"], rows) if splits else "",
+        _folded(
+            f"images per class and split ({len(names)} classes)", _table(["class"] + splits + ["all"], rows)
+        )
+        if splits
+        else "",
     ]
     problems = problems or {}
     for key, title in (("skipped", "Skipped files (unreadable)"), ("ignored", "Ignored files")):
@@ -346,7 +365,8 @@ def _split_figures(
     def figure(fig, name: str, alt: str) -> str:
         svg = figure_bytes(fig, "svg")
         save(f"{name}-{split}.svg", svg)
-        return _img(svg, f"{alt}, {split} split", "image/svg+xml")
+        wide = figure_size_px(fig)[0] > WIDE_FIGURE_PX
+        return _img(svg, f"{alt}, {split} split", "image/svg+xml", wide=wide)
 
     parts = [f"<h3>{_e(split)} split ({len(rows)} images)</h3>", '<div class="figs">']
     cm = confusion_matrix(y_true, y_pred, len(names))  # (K, K)
@@ -376,8 +396,9 @@ def _split_figures(
             [c, _fmt(r["precision"], 3), _fmt(r["recall"], 3), _fmt(r["f1"], 3), r["support"]]
             for c, r in per_class.items()
         ]
+        table = _table(["class", "precision", "recall", "F1", "support"], table_rows)
         parts.append(
-            "<h4>Per class</h4>" + _table(["class", "precision", "recall", "F1", "support"], table_rows)
+            "<h4>Per class</h4>" + _folded(f"precision, recall, F1 ({len(table_rows)} classes)", table)
         )
     return "".join(parts), ece
 
