@@ -6,7 +6,9 @@ tick positions, axis limits) and checks them against an independent reference.
 
 from __future__ import annotations
 
+import html
 import math
+import re
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from itertools import combinations
@@ -49,6 +51,11 @@ def visible_ticks(ax, which: str = "x") -> list[float]:
 def drawn(fig) -> None:
     """Lay the figure out as saving does, so tick locations and text extents are final."""
     fig.canvas.draw()
+
+
+def svg_texts(blob: bytes) -> list[str]:
+    """The texts of a matplotlib SVG: drawn as glyph paths, each line is written beside them as a comment."""
+    return [html.unescape(t) for t in re.findall(r"<!-- (.*?) -->", blob.decode("utf-8"), flags=re.S)]
 
 
 def check_svg(blob: bytes) -> ET.Element:
