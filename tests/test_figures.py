@@ -49,8 +49,15 @@ def visible_ticks(ax, which: str = "x") -> list[float]:
 
 
 def drawn(fig) -> None:
-    """Lay the figure out as saving does, so tick locations and text extents are final."""
+    """Lay the figure out as saving does, so tick locations and text extents are final.
+
+    TeX is off (class names are shown as typed), so no label may carry TeX markup either.
+    """
+    from matplotlib.text import Text
+
     fig.canvas.draw()
+    shown = [t.get_text() for t in fig.findobj(Text) if t.get_visible()]
+    assert not [t for t in shown if "\\math" in t or t.startswith("$")], shown
 
 
 def svg_texts(blob: bytes) -> list[str]:

@@ -78,6 +78,14 @@ def figure_bytes(fig, fmt: str = "svg") -> bytes:
     return buf.getvalue()
 
 
+def _log_axis(axis) -> None:
+    """A log axis labelled in plain numbers (10, 100; 0.01): matplotlib's default writes TeX, off in RC."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
+
+
 def figure_size_px(fig) -> tuple[int, int]:
     """(width, height) in CSS pixels of the figure as an image (PNG pixels; an SVG's pt x 4/3)."""
     w, h = fig.get_size_inches()
@@ -418,6 +426,7 @@ def curves_figure(history: dict[str, np.ndarray], label_smoothing: float = 0.0, 
             lr = lr[np.isfinite(lr)]
             if lr.min() > 0 and lr.max() / lr.min() > 3:
                 ax.set_yscale("log")
+                _log_axis(ax.yaxis)
             else:
                 ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
         ax.legend(fontsize=7)
@@ -451,6 +460,7 @@ def compare_figure(rows: Sequence[Any]):
     seconds = [r.seconds for r in rows if r.seconds > 0]
     if seconds and max(seconds) / min(seconds) > 5:
         ax.set_xscale("log")
+        _log_axis(ax.xaxis)
         ax.set_xlabel("wall time of the run (s, log scale)")
     else:
         ax.set_xlabel("wall time of the run (s)")
