@@ -39,7 +39,7 @@ REPORT_FILE = "report.html"
 CURVES_FILE = "curves.png"  # in the run folder itself, as the README promises
 MAX_LISTED_PROBLEMS = 200  # skipped/ignored files shown in the report; the rest are counted
 OPEN_TABLE_MAX_ROWS = 30  # longer per-class tables start folded (<details>), so the figures stay near
-WIDE_FIGURE_PX = 900  # a figure wider than this (the confusion matrix of many classes) gets the whole width
+WIDE_FIGURE_PX = 600  # wider than half the page: shown at its own size on a row of its own, not shrunk
 
 
 def _console():
