@@ -298,8 +298,16 @@ def mistakes_figure(picks: Sequence[tuple[Path, dict]], score_kind: str = "proba
     """
     cols = min(4, max(1, len(picks)))
     nrows = max(1, math.ceil(len(picks) / cols))
-    fig = _figure(2.6 * cols, 2.6 * nrows)
-    axes = np.atleast_1d(fig.subplots(nrows, cols, squeeze=False)).ravel()
+    # a fixed grid (no constrained layout: it took 2.5x the drawing time of 16 thumbnails)
+    cell, caption = 2.6, 0.5  # inches: one cell, and the three caption lines above each thumbnail
+    height = cell * nrows
+    box = (height - caption - 0.1 - (nrows - 1) * caption) / nrows  # each thumbnail's height
+    fig = _figure(cell * cols, height, layout=None)
+    grid = {"left": 0.02, "right": 0.98, "top": 1 - caption / height, "bottom": 0.1 / height}
+    axes = fig.subplots(
+        nrows, cols, squeeze=False, gridspec_kw={**grid, "wspace": 0.1, "hspace": caption / box}
+    )
+    axes = axes.ravel()
     short = "p" if score_kind == "probability" else "score"
     for ax, (path, row) in zip(axes, picks, strict=False):
         thumb = _thumbnail(path)
