@@ -29,7 +29,7 @@ except ImportError:  # pragma: no cover
     from click import echo
     from click import exceptions as click_errors
 
-from finetune.console import printable, setup_logging
+from finetune.console import printable, setup_logging, text_table
 from finetune.errors import FinetuneError
 
 
@@ -250,7 +250,10 @@ def run(
     ] = False,
     offline: Offline = False,
 ) -> None:
-    """Train and evaluate a classifier on DATA; write a run folder.
+    """Train and evaluate on DATA; write a run.
+
+    The strategy's recipe probes or fine-tunes the backbone; the run folder holds the model,
+    its metrics and report.html.
 
     Example: finetune run ./mydata --backbone vgg16 --strategy linear-probe
     """
@@ -303,7 +306,9 @@ def predict(
     ] = Path("runs"),
     as_json: JsonOpt = False,
 ) -> None:
-    """Classify images with a run's model (ImageNet labels when there is no run).
+    """Classify images with a run's model.
+
+    The newest run under --runs unless --run says which; ImageNet labels when there is none.
 
     Example: finetune predict img.jpg photos/ --top-k 3
     """
@@ -314,12 +319,20 @@ def predict(
         _echo_json({"source": result.source, "score_kind": result.score_kind, "rows": result.rows})
         return
     typer.echo(f"model: {printable(str(result.source))}")
-    for row in result.rows:
-        if "error" in row:
-            typer.echo(f"{printable(row['path'])}: skipped ({row['error']})")
-            continue
-        tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
-        typer.echo(f"{printable(row['path'])}: {tops}")
+    k = max((len(r.get("top", [])) for r in result.rows), default=1)
+    header = ["image"]
+    for rank in range(1, k + 1):
+        header += [f"class {rank}" if k > 1 else "class", result.score_kind]
+    lines = []
+    for row in (r for r in result.rows if "error" not in r):
+        cells = [row["path"]]
+        for t in row["top"]:
+            cells += [t["label"], f"{t['score']:.3f}"]
+        lines.append(cells + [""] * (len(header) - len(cells)))
+    if lines:
+        typer.echo(text_table(header, lines, right=range(2, 2 * k + 1, 2)))
+    for row in (r for r in result.rows if "error" in r):
+        typer.echo(f"skipped {printable(row['path'])}: {row['error']}")
 
 
 # --------------------------------------------------------------------------- demo
@@ -331,7 +344,9 @@ def demo(
         Path, typer.Option("--out", "-o", metavar="FOLDER", help="Where the run folder goes.")
     ] = Path("runs"),
 ) -> None:
-    """Linear probe of the packaged backbone on sklearn's handwritten digits, as PNG files.
+    """Probe the packaged backbone on digits.
+
+    sklearn's handwritten digits are written as PNG files into the cache and probed with lite0.
 
     Example: finetune demo
     """
@@ -376,7 +391,9 @@ def extract_features(
     seed: SeedOpt = 0,
     offline: Offline = False,
 ) -> None:
-    """Write the features of named layers (DeCAF-style) for every image of DATA.
+    """Save named layers' features (DeCAF-style).
+
+    One pass over every image of DATA; one array per layer, with labels, paths and split.
 
     Example: finetune extract-features ./mydata --backbone alexnet --layer fc6 --layer fc7 -o feats.npz
     """
@@ -434,7 +451,9 @@ def probe(
     seed: SeedOpt = 0,
     as_json: JsonOpt = False,
 ) -> None:
-    """Linear heads on saved features: layer x head table, accuracy mean ± std over splits.
+    """Linear heads on saved features, per layer.
+
+    A layer x head table of validation accuracy (0-1), mean ± std over seeded splits.
 
     Example: finetune probe feats.npz --head svm --repeats 5
     """
@@ -455,13 +474,15 @@ def probe(
     typer.echo(table.format())
 
 
-cache_app = typer.Typer(help="The feature cache: what it holds, and emptying it.", no_args_is_help=True)
+cache_app = typer.Typer(help="Show or empty the feature cache.", no_args_is_help=True)
 app.add_typer(cache_app, name="cache")
 
 
 @cache_app.command("info")
 def cache_info_cmd(as_json: JsonOpt = False) -> None:
-    """Where the cache is and what it holds (one row per model x tap).
+    """Where the cache is and what it holds.
+
+    One row per feature set (model, weights, input size, decoder, tap), then the other parts.
 
     Example: finetune cache info --json
     """
@@ -472,28 +493,49 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
     if as_json:
         _echo_json({"root": str(cache_root()), "sets": rows, "other": parts})
         return
-    typer.echo(f"cache: {printable(str(cache_root()))}")
-    for r in rows:
-        typer.echo(
-            f"  {r['model']:<28} {r['tap']:<8} {r['pool']:<4} {r['rows']:>7} images "
-            f"{r['bytes'] / 2**20:8.1f} MiB"
-        )
-    total = sum(r["bytes"] for r in rows)
-    typer.echo(f"  {len(rows)} feature sets, {total / 2**20:.1f} MiB")
-    for p in parts.values():
-        typer.echo(f"  {p['files']} {p['what']}, {p['bytes'] / 2**20:.1f} MiB")
+    typer.echo(f"cache: {printable(str(cache_root()))}\n")
+    mib = 2**20
+    sets = [
+        [
+            r["model"],
+            r["weights"],
+            r["input_size"],
+            r["decoder"],
+            r["tap"],
+            r["pool"],
+            r["rows"],
+            f"{r['bytes'] / mib:.1f}",
+        ]
+        for r in rows
+    ]
+    header = ["model", "weights sha256", "size", "decoder", "tap", "pool", "images", "MiB"]
+    typer.echo(text_table(header, sets, right=(2, 6, 7), title=f"feature sets: {len(rows)}"))
+    other = [
+        [f"{sub}/", p["what"], p["files"], f"{p['bytes'] / mib:.1f}", "kept" if p["kept"] else "cleared"]
+        for sub, p in parts.items()
+    ]
+    typer.echo("")
+    typer.echo(text_table(["folder", "holds", "files", "MiB", "by cache clear"], other, right=(2, 3)))
+    total = sum(r["bytes"] for r in rows) + sum(p["bytes"] for p in parts.values() if not p["kept"])
+    typer.echo(f"\n`finetune cache clear` frees {total / mib:.1f} MiB")
 
 
 @cache_app.command("clear")
 def cache_clear_cmd() -> None:
-    """Delete cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
+    """Empty the cache; the demo's datasets stay.
+
+    Deletes cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
 
     Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
     """
-    from finetune.features.cache import cache_clear
+    from finetune.features.cache import cache_clear, cache_parts
+    from finetune.io import cache_root
 
     freed = cache_clear()
-    typer.echo(f"freed {freed / 2**20:.1f} MiB")
+    typer.echo(f"freed {freed / 2**20:.1f} MiB in {cache_root()}")
+    for sub, p in cache_parts().items():
+        if p["kept"] and p["files"]:
+            typer.echo(f"kept {sub}/ ({p['what']}: {p['files']} files, {p['bytes'] / 2**20:.1f} MiB)")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -517,7 +559,9 @@ def evaluate(
         int, typer.Option("--batch-size", metavar="N", min=1, help="Images per forward pass.")
     ] = 64,
 ) -> None:
-    """Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures of a run on a held-out folder.
+    """Judge a run on a held-out folder.
+
+    Accuracy, top-5, per-class P/R/F1, calibration (ECE) and figures, written under RUN/eval-*/.
 
     Example: finetune evaluate runs/20260101-120000-lite0-linear-probe ./holdout --out eval/
     """
@@ -566,7 +610,9 @@ def summary(
         bool, typer.Option("--compare", help="One line per backbone: params, MACs, memory, top-1/top-5.")
     ] = False,
 ) -> None:
-    """Per-layer table: output shape, activation memory, parameters, MACs (random weights, offline).
+    """Per-layer shapes, memory, parameters, MACs.
+
+    Computed on random weights, offline.
 
     Example: finetune summary tv:alexnet --input-size 227; finetune summary --compare alexnet vgg16 resnet50
     """
@@ -600,7 +646,9 @@ def check(
     decoder: Annotated[DecoderName | None, typer.Option(help="fast or pil (default: as extraction).")] = None,
     as_json: JsonOpt = False,
 ) -> None:
-    """Report what a run would do with DATA: classes, skipped files and why, duplicates. Trains nothing.
+    """Check DATA as a run would read it.
+
+    Classes, skipped files and why, duplicates; trains nothing.
 
     Example: finetune check ./mydata
     """
@@ -634,7 +682,9 @@ def advise(
     as_json: JsonOpt = False,
     offline: Offline = False,
 ) -> None:
-    """Which of the four strategies fits DATA: how much data, and how far from ImageNet.
+    """Which strategy fits DATA, and why.
+
+    Measures how much data there is and how far it is from ImageNet, against two thresholds.
 
     Example: finetune advise ./mydata
     """
@@ -679,7 +729,9 @@ def compare(
     workers: WorkersOpt = None,
     offline: Offline = False,
 ) -> None:
-    """Run several strategies on one split; print a table and write an accuracy-vs-time plot.
+    """Run several strategies on one split.
+
+    Prints a table and writes an accuracy-vs-time plot.
 
     Example: finetune compare ./mydata -s linear-probe -s stage-probe --set image_size=128
     """
@@ -720,7 +772,9 @@ def export(
         typer.Option("--out", "-o", metavar="FILE", help="Model file (default RUN/export/model.FORMAT)."),
     ] = None,
 ) -> None:
-    """Write a run's model as a standalone ONNX or torch.export file, with a JSON of its preprocessing.
+    """Save a run's model as ONNX or torch.export.
+
+    A standalone file, with a JSON of its preprocessing and class names.
 
     Example: finetune export runs/20261123-101500-lite0-linear-probe --format onnx
     """
@@ -737,7 +791,9 @@ def runs_cmd(
     ),
     as_json: JsonOpt = False,
 ) -> None:
-    """List past runs, newest first, with their headline accuracy.
+    """List past runs with their accuracy.
+
+    Newest first; the accuracy is the headline split's (test when there is one, else val).
 
     Example: finetune runs --runs runs
     """
@@ -752,13 +808,21 @@ def runs_cmd(
             f"no runs under {printable(str(out))}; make one with `finetune run DATA` or `finetune demo`"
         )
         return
-    typer.echo(f"{'run':<48}{'strategy':<18}{'tap':<8}{'accuracy':>9}{'seconds':>9}")
-    for r in rows:
-        acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-        secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
-        name, strategy, tap = (printable(str(r[k])) for k in ("run", "strategy", "tap"))
-        line = f"{name:<48}{strategy:<18}{tap:<8}{acc:>9}{secs:>9}"
-        typer.echo(line + (f"  damaged: {printable(r['damaged'])}" if r.get("damaged") else ""))
+    cells = [
+        [
+            r["run"],
+            r["strategy"],
+            r["tap"],
+            r["classes"],
+            r["split"],
+            f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-",
+            f"{r['seconds']:.1f}" if r["seconds"] is not None else "-",
+            f"damaged: {r['damaged']}" if r.get("damaged") else "",
+        ]
+        for r in rows
+    ]
+    header = ["run", "strategy", "tap", "classes", "split", "accuracy", "seconds", "note"]
+    typer.echo(text_table(header, cells, right=(3, 5, 6)))
 
 
 @app.command("recipes")
@@ -768,7 +832,9 @@ def recipes_cmd(
         bool, typer.Option("--keys", help="The keys --set takes, and which recipes use each.")
     ] = False,
 ) -> None:
-    """List the packaged recipes (the four cells of the transfer-learning table) and their key settings.
+    """List the packaged recipes.
+
+    The four cells of the transfer-learning table, with their key settings.
 
     Example: finetune recipes --keys
     """
@@ -813,7 +879,9 @@ def backbones_cmd(
         int | None, typer.Option("--input-size", metavar="PX", min=8, help="Input size for --taps shapes.")
     ] = None,
 ) -> None:
-    """The catalogue: aliases, families, parameters, input size and weights status; or one backbone.
+    """List the backbones, or describe one.
+
+    Aliases, families, parameters, input size and weights status; with NAME, its taps and stages.
 
     Example: finetune backbones vgg16 --taps --stages
     """
@@ -824,9 +892,14 @@ def backbones_cmd(
 
 @app.command("fetch")
 def fetch_cmd(
-    backbones: Annotated[list[str], typer.Argument(help="Backbone name(s): alias, timm name or tv:name.")],
+    backbones: Annotated[
+        list[str], typer.Argument(metavar="BACKBONE", help="Backbone name(s): alias, timm name or tv:name.")
+    ],
 ) -> None:
-    """Download backbones' ImageNet weights now, for a machine that will be offline; print what to copy.
+    """Download ImageNet weights ahead of time.
+
+    For a machine that will be offline: the weights go into the frameworks' caches, and the
+    folders to copy are printed.
 
     Example: finetune fetch vgg16 alexnet resnet50
     """

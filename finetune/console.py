@@ -5,6 +5,7 @@
     with progress_bar("extracting features", total=1797, unit="img") as bar:
         bar.advance(64)
     printable(name)                        # a file name any terminal can print
+    print(text_table(["name", "acc"], [["cat", "0.91"]], right=[1]))   # aligned columns, ruled header
 
 The library never prints: it logs to the `finetune` logger, and the CLI decides what reaches
 the terminal. Python users see warnings (logging's default) and can `logging.basicConfig` for
@@ -17,8 +18,9 @@ from __future__ import annotations
 import logging
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from typing import Any
 
 
 def printable(text: str) -> str:
@@ -114,3 +116,29 @@ def progress_bar(description: str, total: int, unit: str = "img") -> Iterator[_B
                     progress.update(task, rate=f"{speed:.1f} {unit}/s")
 
         yield _RateBar(progress, task)
+
+
+def text_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], right: Sequence[int] = (), title: str | None = None
+) -> str:
+    """Rows as aligned plain-text columns under a ruled header, drawn by rich (no colour, no terminal).
+
+    Columns whose index is in `right` are right-aligned (numbers). Cells are shown as typed: a
+    class called "[bold]" is not rich markup, and names go through `printable`.
+    """
+    import io
+
+    from rich import box
+    from rich.console import Console
+    from rich.table import Table
+    from rich.text import Text
+
+    table = Table(box=box.SIMPLE_HEAD, show_edge=False, pad_edge=False, padding=(0, 1, 0, 0))
+    for i, name in enumerate(header):
+        table.add_column(Text(name), justify="right" if i in right else "left", no_wrap=True)
+    for row in rows:
+        table.add_row(*(Text(printable(str(cell))) for cell in row))
+    buf = io.StringIO()
+    Console(file=buf, width=10_000, color_system=None, highlight=False, emoji=False).print(table)
+    lines = [line.rstrip() for line in buf.getvalue().splitlines()]
+    return "\n".join(([title] if title else []) + lines)

@@ -1,9 +1,13 @@
-"""Metrics of a classifier's predictions: arrays in, numbers out.
+"""Metrics of a classifier's predictions: arrays in, numbers out (scikit-learn does the scoring).
 
 m = classification_metrics(y_true, y_pred, class_names, scores)
 m["accuracy"], m["per_class"]["cat"]["recall"], m["top5_accuracy"]    # top-5 only when K > 5
 ece = expected_calibration_error(confidence, correct)                 # 15 equal-width bins
 worst = most_confident_mistakes(y_true, y_pred, confidence, k=16)     # row indices
+
+Averages over classes (balanced accuracy, macro-F1) count only the classes that have images in
+`y_true`: a held-out folder holding one of the run's classes is judged on that class alone.
+ECE has no scikit-learn function; its bins are the few lines below, tested against a hand calculation.
 """
 
 from __future__ import annotations
@@ -20,10 +24,10 @@ MAX_MISTAKES = 16  # thumbnails in the mistakes grid (4 x 4)
 
 
 def confusion_matrix(y_true: Sequence[int], y_pred: Sequence[int], n_classes: int) -> np.ndarray:
-    """(K, K) counts: row = true class, column = predicted (sklearn's convention)."""
-    y_true, y_pred = np.asarray(y_true, np.int64), np.asarray(y_pred, np.int64)
-    flat = np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes)
-    return flat.reshape(n_classes, n_classes)
+    """(K, K) counts: row = true class, column = predicted (sklearn's convention), every class listed."""
+    from sklearn.metrics import confusion_matrix as sk_confusion
+
+    return sk_confusion(y_true, y_pred, labels=np.arange(n_classes))
 
 
 def classification_metrics(
@@ -31,40 +35,48 @@ def classification_metrics(
 ) -> dict:
     """Accuracy, balanced accuracy, macro-F1, top-5 (when scores are given and K > 5), per-class P/R/F1.
 
-    All of it follows from the confusion matrix, computed here with numpy: importing
-    sklearn.metrics costs about 2 s, most of a cached re-run (tests hold these to sklearn).
-    Undefined ratios (no prediction of a class, no image of it) are 0, as sklearn's zero_division=0.
+    `y_true`, `y_pred` are positions in `class_names`; `scores` is (N, K). Balanced accuracy and
+    macro-F1 average over the classes present in `y_true` (`classes_present`); the per-class rows
+    list every class, an absent one with support 0. Undefined ratios are 0 (zero_division=0).
     """
-    y_true = np.asarray(y_true)
-    y_pred = np.asarray(y_pred)
+    from sklearn.metrics import (
+        accuracy_score,
+        precision_recall_fscore_support,
+        recall_score,
+        top_k_accuracy_score,
+    )
+
+    y_true = np.asarray(y_true, dtype=np.int64)
+    y_pred = np.asarray(y_pred, dtype=np.int64)
     if len(y_true) == 0:
         return {"n": 0}
-    cm = confusion_matrix(y_true, y_pred, len(class_names))  # (K, K)
-    tp = np.diag(cm).astype(np.float64)
-    support, predicted = cm.sum(axis=1), cm.sum(axis=0)
-    p = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
-    r = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
-    f = np.divide(2 * p * r, p + r, out=np.zeros_like(tp), where=(p + r) > 0)
-    present = support > 0  # balanced accuracy averages recall over the classes that occur
+    k = len(class_names)
+    present = np.unique(y_true)  # classes with at least one image
+    p, r, f, support = precision_recall_fscore_support(y_true, y_pred, labels=np.arange(k), zero_division=0)
+    # balanced_accuracy_score is this macro recall, but warns when y_pred holds a class absent from y_true
+    balanced = recall_score(y_true, y_pred, labels=present, average="macro", zero_division=0)
+    _, _, macro_f1, _ = precision_recall_fscore_support(
+        y_true, y_pred, labels=present, average="macro", zero_division=0
+    )
     out = {
         "n": int(len(y_true)),
-        "accuracy": float(tp.sum() / len(y_true)),
-        "balanced_accuracy": float(r[present].mean()),
-        "macro_f1": float(f.mean()),
+        "accuracy": float(accuracy_score(y_true, y_pred)),
+        "balanced_accuracy": float(balanced),
+        "macro_f1": float(macro_f1),
+        "classes_present": int(len(present)),
         "per_class": {
             name: {
-                "precision": float(p[k]),
-                "recall": float(r[k]),
-                "f1": float(f[k]),
-                "support": int(support[k]),
+                "precision": float(p[i]),
+                "recall": float(r[i]),
+                "f1": float(f[i]),
+                "support": int(support[i]),
             }
-            for k, name in enumerate(class_names)
+            for i, name in enumerate(class_names)
         },
-        "confusion_matrix": cm.tolist(),
+        "confusion_matrix": confusion_matrix(y_true, y_pred, k).tolist(),
     }
     if scores is not None and scores.shape[1] > 5:
-        top5 = np.argsort(-scores, axis=1)[:, :5]
-        out["top5_accuracy"] = float(np.mean([t in row for t, row in zip(y_true, top5, strict=True)]))
+        out["top5_accuracy"] = float(top_k_accuracy_score(y_true, scores, k=5, labels=np.arange(k)))
     return out
 
 

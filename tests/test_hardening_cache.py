@@ -260,7 +260,7 @@ def test_runs_lists_every_run_and_marks_a_damaged_one(probe_run, tmp_path):
             (tmp_path / name / "metrics.json").write_text(metrics)
     res = invoke("runs", "--runs", tmp_path)
     assert res.exit_code == 0, res.output
-    lines = {ln.split()[0]: ln for ln in res.output.splitlines()[1:]}
+    lines = {ln.split()[0]: ln for ln in res.output.splitlines()[2:] if ln.strip()}  # under the header rule
     assert set(lines) == {"20260101-000000-a", "20260101-000001-b", "20260101-000002-c"}
     assert "damaged: metrics.json unreadable" in lines["20260101-000000-a"]
     assert "damaged: metrics.json is not a table" in lines["20260101-000001-b"]

@@ -95,7 +95,7 @@ def test_svm_head_predicts_scores_not_probabilities(make_folder, runs_dir):
     data = make_folder({"a": 4, "b": 4})
     assert invoke("run", data, "--out", runs_dir, "--head", "svm", *SMALL).exit_code == 0
     res = invoke("predict", data / "a", "--runs", runs_dir)
-    assert res.exit_code == 0 and "(score " in res.output and "probability" not in res.output
+    assert res.exit_code == 0 and "class  score" in res.output and "probability" not in res.output
 
 
 def test_unreadable_files_are_skipped_and_reported(make_folder, runs_dir):

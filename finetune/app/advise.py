@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from finetune.console import text_table
 from finetune.data.index import DatasetIndex
 from finetune.errors import BackboneError, DataError
 
@@ -183,23 +184,61 @@ def advise(
     return Advice(strategy, reason, command, per_class, fam, data_threshold, familiarity_threshold, n)
 
 
+# A measurement this close to its threshold makes a close call: the cell next to it may do as well.
+CLOSE_FAMILIARITY = 0.05  # absolute; photos and textures lie 0.15-0.9 apart, one folder's sample varies ~0.02
+CLOSE_DATA = 0.25  # relative: 150-250 images per class around 200
+
+
 def format_advice(a: Advice) -> str:
-    """The 2x2 table with the chosen cell marked, the two numbers, and the command."""
-    mark = {s: ("[x]" if s == a.strategy else "[ ]") for s in CELLS.values()}
-    return "\n".join(
+    """The two measurements beside their thresholds, the 2x2 table with the chosen cell, the command.
+
+    When a measurement lies close to its threshold the text says so and names the other cell to try.
+    """
+    data_gap = a.images_per_class - a.data_threshold
+    fam_gap = a.familiarity - a.familiarity_threshold
+    close_data = abs(data_gap) <= CLOSE_DATA * a.data_threshold
+    close_fam = abs(fam_gap) <= CLOSE_FAMILIARITY
+    rows = [
         [
-            f"images per class (median): {a.images_per_class:g}   threshold {a.data_threshold}   "
-            f"-> {'little' if a.little_data else 'a lot of'} data",
-            f"ImageNet familiarity:      {a.familiarity:.3f}   threshold {a.familiarity_threshold}  "
-            f"-> {'similar to' if a.near_imagenet else 'different from'} ImageNet  ({a.sampled} images)",
-            "",
-            f"{'':<14}{'similar to ImageNet':<28}{'different from ImageNet':<28}",
-            f"{'little data':<14}{mark['linear-probe'] + ' linear-probe':<28}"
-            f"{mark['stage-probe'] + ' stage-probe':<28}",
-            f"{'a lot of data':<14}{mark['partial-finetune'] + ' partial-finetune':<28}"
-            f"{mark['full-finetune'] + ' full-finetune':<28}",
-            "",
-            f"advice: {a.strategy} — {a.reason}",
-            f"run:    {a.command}",
-        ]
-    )
+            "images per class (median)",
+            f"{a.images_per_class:g}",
+            f"{a.data_threshold}",
+            f"{data_gap:+g}",
+            ("close: " if close_data else "") + ("little data" if a.little_data else "a lot of data"),
+        ],
+        [
+            f"ImageNet familiarity ({a.sampled} images)",
+            f"{a.familiarity:.3f}",
+            f"{a.familiarity_threshold:g}",
+            f"{fam_gap:+.3f}",
+            ("close: " if close_fam else "")
+            + ("similar to ImageNet" if a.near_imagenet else "different from ImageNet"),
+        ],
+    ]
+    mark = {s: ("[x]" if s == a.strategy else "[ ]") + " " + s for s in CELLS.values()}
+    cells = [
+        ["little data", mark["linear-probe"], mark["stage-probe"]],
+        ["a lot of data", mark["partial-finetune"], mark["full-finetune"]],
+    ]
+    lines = [
+        text_table(["measurement", "value", "threshold", "margin", "reads as"], rows, right=(1, 2, 3)),
+        "",
+        text_table(["", "similar to ImageNet", "different from ImageNet"], cells),
+        "",
+        f"advice: {a.strategy} — {a.reason}",
+    ]
+    near, others = [], []
+    if close_data:
+        near.append(f"{a.images_per_class:g} images per class is {abs(data_gap):g} from {a.data_threshold}")
+        others.append(CELLS[(not a.little_data, a.near_imagenet)])
+    if close_fam:
+        near.append(f"familiarity {a.familiarity:.3f} is {abs(fam_gap):.3f} from {a.familiarity_threshold:g}")
+        others.append(CELLS[(a.little_data, not a.near_imagenet)])
+    if near:
+        tries = " ".join(f"-s {s}" for s in (a.strategy, *others))
+        lines.append(
+            f"close call: {' and '.join(near)}, so {' or '.join(others)} may do as well "
+            f"(`finetune compare DATA {tries}` measures them side by side)"
+        )
+    lines.append(f"run:    {a.command}")
+    return "\n".join(lines)

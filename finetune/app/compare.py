@@ -14,6 +14,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from finetune.console import text_table
 from finetune.recipes import STRATEGIES
 
 log = logging.getLogger(__name__)
@@ -131,32 +132,18 @@ def compare(opts: CompareOptions) -> tuple[list[CompareRow], Path]:
 
 
 def plot_compare(rows: list[CompareRow], path: Path) -> None:
-    """Accuracy vs wall time, one labelled point per strategy."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """Accuracy against wall time, one marker per strategy (`figures.compare_figure`), as a PNG."""
+    from finetune.app.figures import compare_figure, figure_bytes
     from finetune.io import atomic_write
 
-    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
-    for r in rows:
-        ax.scatter(r.seconds, 100 * r.accuracy, s=40)
-        ax.annotate(r.strategy, (r.seconds, 100 * r.accuracy), textcoords="offset points", xytext=(5, 5))
-    ax.set_xscale("log")
-    ax.set_xlabel("wall time of the run (s, log scale)")
-    ax.set_ylabel("validation accuracy (%)")
-    ax.set_title("strategies on one split")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    atomic_write(path, lambda fh: fig.savefig(fh, format="png"))
-    plt.close(fig)
+    blob = figure_bytes(compare_figure(rows), "png")
+    atomic_write(path, lambda fh: fh.write(blob))
 
 
 def format_rows(rows: list[CompareRow]) -> str:
-    lines = [f"{'strategy':<18}{'val acc':>9}{'time s':>9}{'img/s':>9}{'trainable':>12}"]
-    for r in rows:
-        lines.append(
-            f"{r.strategy:<18}{r.accuracy:>9.4f}{r.seconds:>9.1f}{r.img_per_s:>9.1f}{r.trainable:>12,}"
-        )
-    return "\n".join(lines)
+    """The compare table: accuracy (0-1), wall time, throughput and trained parameters per strategy."""
+    cells = [
+        [r.strategy, f"{r.accuracy:.4f}", f"{r.seconds:.1f}", f"{r.img_per_s:.1f}", f"{r.trainable:,}"]
+        for r in rows
+    ]
+    return text_table(["strategy", "val accuracy", "time s", "img/s", "trainable"], cells, right=(1, 2, 3, 4))

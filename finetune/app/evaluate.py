@@ -206,34 +206,29 @@ def _refresh_report(run_dir: Path) -> None:
 
 def _write(ev: Evaluation, index, y_true, y_pred, confidence, class_names: list[str]) -> None:
     """evaluation.json, predictions.json and the figures, each written atomically into ev.out_dir."""
-    from finetune.app.figures import confusion_svg, mistakes_svg, reliability_svg
+    from finetune.app.figures import confusion_figure, figure_bytes, mistakes_figure, reliability_figure
     from finetune.io import atomic_write, write_json
 
     out = ev.out_dir
     out.mkdir(parents=True, exist_ok=True)
 
-    def figure(name: str, svg: str) -> None:
-        blob = svg.encode("utf-8", "replace")  # a non-UTF-8 class name: "?"
+    def figure(name: str, fig) -> None:
+        blob = figure_bytes(fig, "svg")
         atomic_write(out / f"{name}.svg", lambda fh: fh.write(blob))
         ev.files[name] = out / f"{name}.svg"
 
+    cm = np.asarray(ev.metrics["confusion_matrix"])  # (K, K)
     figure(
         "confusion_matrix",
-        confusion_svg(
-            np.asarray(ev.metrics["confusion_matrix"]),
-            class_names,
-            f"confusion matrix ({index.root.name}, n={len(y_true)})",
-        ),
+        confusion_figure(cm, class_names, f"confusion matrix ({index.root.name}, n={len(y_true)})"),
     )
     if ev.metrics["calibration"] is not None:
-        figure(
-            "reliability",
-            reliability_svg(reliability_bins(confidence, y_true == y_pred), ev.metrics["calibration"]["ece"]),
-        )
+        bins = reliability_bins(confidence, y_true == y_pred)
+        figure("reliability", reliability_figure(bins, ev.metrics["calibration"]["ece"]))
     worst = most_confident_mistakes(y_true, y_pred, confidence)
     if worst:
         picks = [(index.root / ev.rows[i]["path"], ev.rows[i]) for i in worst]
-        figure("mistakes", mistakes_svg(picks, ev.score_kind))
+        figure("mistakes", mistakes_figure(picks, ev.score_kind))
     ev.files["evaluation"] = out / "evaluation.json"
     ev.files["predictions"] = out / "predictions.json"
     write_json(out / "predictions.json", ev.rows)

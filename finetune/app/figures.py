@@ -1,91 +1,100 @@
-"""The figures people look at: evaluation figures as hand-written SVG, training curves as PNG.
+"""The figures people look at, drawn by matplotlib: one function per plot, each returning a `Figure`.
 
-    confusion_svg(cm, class_names)        # SVG text: rows true, columns predicted, colour = row share
-    reliability_svg(bins, ece)            # accuracy per confidence bin against the diagonal, counts below
-    mistakes_svg(picks, "probability")    # thumbnails of the most confident mistakes, with captions
-    curves_png(read_history(path))        # PNG bytes of loss / accuracy / LR per epoch (fine-tune runs)
+    fig = confusion_figure(cm, class_names, "confusion matrix (val)")   # rows true, columns predicted
+    fig = reliability_figure(bins, ece, "reliability (val)")           # accuracy per confidence bin
+    fig = mistakes_figure(picks, "probability")                         # the most confident mistakes
+    fig = curves_figure(read_history(path), label_smoothing=0.1, n_classes=10)
+    fig = compare_figure(rows)                                          # accuracy against wall time
+    blob = figure_bytes(fig, "svg")                                     # or "png"; same figure, same bytes
 
-The SVG figures need no plotting library, so a probe run's report never imports matplotlib;
-`report.py` embeds them in report.html and `evaluate.py` saves them next to its metrics. The
-curves are drawn with matplotlib's Agg canvas on a `Figure` object, never through pyplot, so no
-global backend or figure state is touched.
+`report.py` (report.html, figures/, curves.png), `evaluate.py` (RUN/eval-*/) and `compare.py`
+use them. Each is a `matplotlib.figure.Figure` on the Agg canvas, never pyplot: no global
+backend or figure state is touched and no display is needed. matplotlib is imported inside
+the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations
 
-import base64
 import csv
-import html
+import functools
 import io
 import math
-import re
-from collections.abc import Sequence
+import os
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-# --------------------------------------------------------------------------- SVG figures (evaluation)
-#
-# The evaluation figures are SVG written by hand: a probe run's report then never imports
-# matplotlib (its import and the layout + PNG encoding of three figures were ~2.5 s of a ~4 s
-# cached re-run). Every number goes through `_num`, so equal inputs give equal bytes. Parts are
-# named groups (<g class="cells">, "counts", "accuracy", "mistake", ...) that tests read back.
+from finetune.console import printable
 
-SVG_NS = "http://www.w3.org/2000/svg"  # namespace names, never fetched
-XLINK_NS = "http://www.w3.org/1999/xlink"
-FONT = "DejaVu Sans, Helvetica, Arial, sans-serif"
-# matplotlib's "Blues" colormap: the 9 ColorBrewer colours it interpolates, evenly spaced on [0, 1]
-BLUES = ("#f7fbff", "#deebf7", "#c6dbef", "#9ecae1", "#6baed6", "#4292c6", "#2171b5", "#08519c", "#08306b")
-_BLUES_RGB = np.asarray([[int(c[i : i + 2], 16) for i in (1, 3, 5)] for c in BLUES], float)  # (9, 3)
-# not allowed in XML 1.0 at all (even escaped); lone surrogates are the undecodable bytes of a file name
-_XML_ILLEGAL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
-CONFUSION_TEXT_MAX_K = 25  # count in each cell up to this many classes
-CONFUSION_LABEL_MAX_K = 50  # tick labels up to this many; beyond, they overlap into a black bar
+DPI = 100  # PNG pixels per inch; an SVG's size is the same figure in points
+FULL_MATRIX_MAX_K = 30  # every class named on both axes up to this many classes
+COUNTS_MAX_K = 15  # the count written in each cell up to this many classes
+TOP_CONFUSIONS = 20  # beyond FULL_MATRIX_MAX_K: the largest off-diagonal cells, named, beside the matrix
+LABEL_CHARS = 36  # a class name longer than this is cut (with an ellipsis in the middle) on an axis
 THUMB = 128  # longest side of a mistake thumbnail, in pixels
-DASHED = {"stroke": "#999999", "stroke_width": 1.5, "stroke_dasharray": "6 4"}  # perfect calibration
-BAR = {"fill": "#4c72b0", "stroke": "#223355"}  # accuracy bars
+BAR = {"color": "#4c72b0", "edgecolor": "#223355"}  # accuracy bars
+# Class and file names are text, never TeX ("$1$" stays as typed); SVG ids are seeded so equal
+# figures give equal bytes; text is drawn as paths, so the page looks the same without the fonts.
+RC = {"text.parse_math": False, "svg.hashsalt": "finetune", "svg.fonttype": "path", "font.size": 9}
 
 
-def _x(value: Any) -> str:
-    """Text safe inside an XML element or attribute: &<>"' escaped, XML-illegal characters as U+FFFD."""
-    return html.escape(_XML_ILLEGAL.sub("\ufffd", str(value)), quote=True)
+def _styled(draw: Callable[..., Any]) -> Callable[..., Any]:
+    """Run a figure function inside matplotlib's rc_context(RC): the settings reach every text made."""
+
+    @functools.wraps(draw)
+    def wrapper(*args, **kwargs):
+        import matplotlib
+
+        with matplotlib.rc_context(RC):
+            return draw(*args, **kwargs)
+
+    return wrapper
 
 
-def _num(value: float) -> str:
-    """A coordinate with at most 2 decimals, never '-0': the same figure always has the same text."""
-    text = f"{value:.2f}".rstrip("0").rstrip(".")
-    return "0" if text in ("-0", "") else text
+def _figure(width: float, height: float, layout: str | None = "constrained"):
+    """A matplotlib Figure (inches) on the Agg canvas: no pyplot, no display."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(width, height), dpi=DPI, layout=layout)
+    FigureCanvasAgg(fig)
+    return fig
 
 
-def _el(name: str, content: str | None = None, **attrs: Any) -> str:
-    """One SVG element; `font_size=12` becomes font-size="12", `class_` class; None drops an attribute."""
-    parts = []
-    for key, value in attrs.items():
-        if value is None:
-            continue
-        text = _num(value) if isinstance(value, (int, float, np.number)) else _x(value)
-        parts.append(f' {key.rstrip("_").replace("_", "-")}="{text}"')
-    head = f"<{name}{''.join(parts)}"
-    return f"{head}/>" if content is None else f"{head}>{content}</{name}>"
+def figure_bytes(fig, fmt: str = "svg") -> bytes:
+    """The figure as SVG or PNG bytes, without a date or software stamp: equal figures, equal bytes."""
+    import warnings
+
+    import matplotlib
+
+    buf = io.BytesIO()
+    metadata = {"Date": None} if fmt == "svg" else {"Software": None}
+    with matplotlib.rc_context(RC), warnings.catch_warnings():
+        # a name in a script DejaVu Sans lacks (CJK, ...) is drawn as boxes; a warning per glyph is noise
+        warnings.filterwarnings("ignore", message="Glyph .* missing from font", category=UserWarning)
+        fig.savefig(buf, format=fmt, dpi=DPI, metadata=metadata)
+    return buf.getvalue()
 
 
-def _text(
-    x: float, y: float, text: str, size: float = 12, anchor: str = "middle", rotate: bool = False, **attrs
-):
-    """A line of text whose middle sits at y; with rotate, it reads bottom to top around (x, y).
+def _log_axis(axis) -> None:
+    """A log axis labelled in plain numbers (10, 100; 0.01): matplotlib's default writes TeX, off in RC."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
 
-    dy shifts the baseline down by a third of the font size: dominant-baseline is not honoured
-    by every SVG 1.1 viewer.
-    """
-    if rotate:
-        attrs["transform"] = f"translate({_num(x)},{_num(y)}) rotate(-90)"
-        x = y = 0
-    return _el("text", _x(text), x=x, y=y, dy="0.35em", font_size=size, text_anchor=anchor, **attrs)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    axis.set_minor_formatter(NullFormatter())
 
 
-def _clip(text: str, n: int, middle: bool = False) -> str:
-    """At most n characters; the cut marked with an ellipsis (in the middle keeps a file's extension)."""
+def figure_size_px(fig) -> tuple[int, int]:
+    """(width, height) of the figure's PNG in pixels; its SVG shows at 96 px per inch, 4 % smaller."""
+    w, h = fig.get_size_inches()
+    return round(w * DPI), round(h * DPI)
+
+
+def _clip(text: Any, n: int = LABEL_CHARS, middle: bool = False) -> str:
+    """Printable text of at most n characters; a cut shows an ellipsis (middle: keeps an extension)."""
+    text = printable(str(text))
     if len(text) <= n:
         return text
     if middle:
@@ -94,244 +103,182 @@ def _clip(text: str, n: int, middle: bool = False) -> str:
     return text[: n - 1] + "\u2026"
 
 
-def _text_width(text: str, size: float) -> float:
-    """Rough rendered width (an average glyph of DejaVu/Arial is ~0.6 em): enough to size margins."""
-    return 0.6 * size * len(text)
+def short_names(class_names: Sequence[str], n: int = LABEL_CHARS) -> list[str]:
+    """Names of at most n characters that stay distinct: cut in the middle (start and end kept), or,
+    when that makes two equal, a window around where the names start to differ; numbered as a last resort.
+    """
+    names = [_clip(c, n, middle=True) for c in class_names]
+    if len(set(names)) == len(names):
+        return names
+    full = [printable(str(c)) for c in class_names]
+    differ = len(os.path.commonprefix(full))  # names agree up to here
+    names = []
+    for text in full:
+        start = max(0, min(differ - n // 3, len(text) - n))  # a third of the window is shared context
+        piece = text[start : start + n]
+        if start > 0:
+            piece = "\u2026" + piece[1:]
+        if start + n < len(text):
+            piece = piece[:-1] + "\u2026"
+        names.append(piece)
+    if len(set(names)) < len(names):
+        names = [_clip(f"{i}: {c}", n, middle=True) for i, c in enumerate(class_names)]
+    return names
 
 
-def _svg(width: float, height: float, title: str, body: Sequence[str]) -> str:
-    """A standalone SVG 1.1 document on a white background; `title` is its accessible name."""
-    w, h = math.ceil(width), math.ceil(height)
-    return (
-        '<?xml version="1.0" encoding="UTF-8"?>\n'
-        f'<svg xmlns="{SVG_NS}" xmlns:xlink="{XLINK_NS}" version="1.1" width="{w}" height="{h}" '
-        f'viewBox="0 0 {w} {h}" font-family="{FONT}" fill="#222222">'
-        f"<title>{_x(title)}</title>"
-        + _el("rect", width=w, height=h, fill="#ffffff")
-        + "".join(body)
-        + "</svg>\n"
-    )
+def row_shares(cm: np.ndarray) -> np.ndarray:
+    """(K, K) share of each true class (row) predicted as each column; a row without images is 0."""
+    cm = np.asarray(cm, dtype=np.float64)
+    rows = cm.sum(axis=1, keepdims=True)  # (K, 1)
+    return np.divide(cm, rows, out=np.zeros_like(cm), where=rows > 0)
 
 
-def blues_rgb(share: np.ndarray) -> np.ndarray:
-    """(..., 3) uint8 "Blues" colours of values in [0, 1] (0: near white, 1: dark blue), vectorised."""
-    share = np.clip(np.asarray(share, dtype=np.float64), 0.0, 1.0)
-    stops = np.linspace(0.0, 1.0, len(BLUES))
-    rgb = [np.interp(share, stops, _BLUES_RGB[:, c]) for c in range(3)]  # 3 x (...)
-    return np.rint(np.stack(rgb, axis=-1)).astype(np.uint8)
+def top_confusions(cm: np.ndarray, n: int = TOP_CONFUSIONS) -> list[tuple[int, int, int]]:
+    """(true, predicted, count) of the n largest off-diagonal cells, largest first (ties: row, column)."""
+    cm = np.asarray(cm, dtype=np.int64)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    flat = np.argsort(-off, axis=None, kind="stable")[:n]
+    cells = [
+        (int(i), int(j), int(off[i, j])) for i, j in zip(*np.unravel_index(flat, off.shape), strict=True)
+    ]
+    return [c for c in cells if c[2] > 0]
 
 
-def blues(share: float) -> str:
-    """The "Blues" colour of one value in [0, 1] as #rrggbb."""
-    return _hex(blues_rgb(np.asarray(share)))
+# --------------------------------------------------------------------------- confusion matrix
 
 
-def _hex(rgb: np.ndarray) -> str:
-    r, g, b = (int(c) for c in rgb)
-    return f"#{r:02x}{g:02x}{b:02x}"
+@_styled
+def confusion_figure(cm: np.ndarray, class_names: Sequence[str], title: str = "confusion matrix"):
+    """Rows: true class, columns: predicted; colour is the share of the row (recall on the diagonal).
 
-
-def _png_href(pixels: np.ndarray) -> str:
-    """An (H, W, 3) uint8 array as a data: URI of a PNG (Pillow writes no date, so bytes are stable)."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _image(x: float, y: float, width: float, height: float, href: str, **attrs: Any) -> str:
-    """An embedded raster; xlink:href too, for viewers that predate SVG 2's plain href."""
-    return _el("image", x=x, y=y, width=width, height=height, href=href, **{"xlink:href": href}, **attrs)
-
-
-def confusion_svg(cm: np.ndarray, class_names: Sequence[str], title: str = "confusion matrix") -> str:
-    """Rows: true class, columns: predicted. Colour is the row share (recall), text the count.
-
-    Counts are written in the cells up to 25 classes, tick labels up to 50; beyond 50 the cells
-    are one embedded PNG (a pixel per cell), which keeps a 1000-class matrix a small file.
+    Up to 30 classes every class is named on both axes (and up to 15 the count is written in each
+    cell). Beyond, the axes count classes by index and the 20 largest confusions are listed by
+    name in a panel beside the matrix: 100 names on an axis are unreadable.
     """
     cm = np.asarray(cm, dtype=np.int64)  # (K, K)
+    if len(class_names) <= FULL_MATRIX_MAX_K:
+        return _named_matrix(cm, short_names(class_names), title)
+    return _large_matrix(cm, class_names, title)
+
+
+def _named_matrix(cm: np.ndarray, names: list[str], title: str):
+    k = len(names)
+    share = row_shares(cm)
+    cell = 0.5 if k <= 8 else 0.3  # inches
+    tick = 9 if k <= 12 else 7
+    label_in = 0.6 * tick / 72 * max(len(n) for n in names)  # a name's rough printed length
+    flat = label_in <= 0.9 * cell  # short names fit under their column unrotated
+    rotation = 0 if flat else (45 if k <= 12 else 90)
+    below = 0.25 if flat else label_in * (0.75 if rotation == 45 else 1.0)
+    side = max(2.2, cell * k)
+    fig = _figure(side + label_in + 2.0, side + below + 1.1)
+    ax = fig.subplots()
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0, interpolation="nearest")
+    ax.set_xticks(range(k), names, fontsize=tick, rotation=rotation, ha="center" if flat else "right")
+    if rotation == 45:
+        for label in ax.get_xticklabels():
+            label.set_rotation_mode("anchor")
+    ax.set_yticks(range(k), names, fontsize=tick)
+    ax.tick_params(length=2)
+    if k <= COUNTS_MAX_K:
+        size = 9 if k <= 8 else 7
+        for i in range(k):
+            for j in range(k):
+                ax.text(
+                    j,
+                    i,
+                    str(int(cm[i, j])),
+                    ha="center",
+                    va="center",
+                    fontsize=size,
+                    color="white" if share[i, j] > 0.5 else "black",
+                )
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class")
+    return fig
+
+
+def _large_matrix(cm: np.ndarray, class_names: Sequence[str], title: str):
+    from matplotlib.colors import PowerNorm
+    from matplotlib.ticker import MaxNLocator
+
     k = len(class_names)
-    # colour by share of the true class, so a rare class's mistakes are as visible as a common one's
-    rows = cm.sum(axis=1, keepdims=True)  # (K, 1)
-    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)  # (K, K)
-    grid = min(max(56.0 * k, 160.0), 400.0 + 8.0 * k, 1200.0)  # side of the matrix: grows with K, capped
-    cell = grid / max(k, 1)
-    labelled = k <= CONFUSION_LABEL_MAX_K
-    rotated = k > 6
-    tick = min(12.0, 0.7 * cell)
-    names = [_clip(str(c), 24) for c in class_names] if labelled else []
-    label_w = max((_text_width(n, tick) for n in names), default=0.0)
-    left = 34 + (label_w + 8 if labelled else 0)
-    top = 40.0
-    below = (label_w if rotated else tick) + 8 if labelled else 0.0
-    bar_x = left + grid + 24  # colour legend to the right of the matrix
-    width, height = bar_x + 16 + 70, top + grid + below + 34
+    share = row_shares(cm)
+    fig = _figure(13.0, 6.6)
+    ax, bars = fig.subplots(1, 2, width_ratios=[1.0, 1.05])
+    # square-root colour scale: with many classes each confusion is a small share, invisible on a linear one
+    norm = PowerNorm(0.5, vmin=0.0, vmax=1.0)
+    im = ax.imshow(share, cmap="Blues", norm=norm, interpolation="nearest")
+    for axis in (ax.xaxis, ax.yaxis):
+        axis.set_major_locator(MaxNLocator(nbins=10, integer=True))
+    ax.set_xlabel("predicted (class index)")
+    ax.set_ylabel("true (class index)")
+    ax.set_title(f"{title}, {k} classes")
+    fig.colorbar(im, ax=ax, shrink=0.8, label="share of the true class (square-root scale)")
 
-    colours = blues_rgb(share)  # (K, K, 3)
-    body = [_text(left + grid / 2, 20, title, size=14, font_weight="bold")]
-    if labelled:
-        cells = [
-            _el(
-                "rect", x=left + j * cell, y=top + i * cell, width=cell, height=cell, fill=_hex(colours[i, j])
-            )
-            for i in range(k)
-            for j in range(k)
-        ]
-        body.append(_el("g", "".join(cells), class_="cells", shape_rendering="crispEdges"))
-    else:  # one pixel per cell, scaled up without smoothing
-        body.append(
-            _image(
-                left,
-                top,
-                grid,
-                grid,
-                _png_href(colours),
-                preserveAspectRatio="none",
-                image_rendering="optimizeSpeed",
-                style="image-rendering:pixelated",
-            )
-        )
-    body.append(_el("rect", x=left, y=top, width=grid, height=grid, fill="none", stroke="#444444"))
-    if k <= CONFUSION_TEXT_MAX_K:
-        size = min(12.0, 0.42 * cell)
-        counts = [
-            _text(
-                left + (j + 0.5) * cell,
-                top + (i + 0.5) * cell,
-                str(int(cm[i, j])),
-                size=size,
-                fill="#ffffff" if share[i, j] > 0.5 else "#000000",
-            )
-            for i in range(k)
-            for j in range(k)
-        ]
-        body.append(_el("g", "".join(counts), class_="counts"))
-    if labelled:
-        ys = [
-            _text(left - 6, top + (i + 0.5) * cell, n, size=tick, anchor="end") for i, n in enumerate(names)
-        ]
-        if rotated:
-            xs = [
-                _text(left + (j + 0.5) * cell, top + grid + 6, n, size=tick, anchor="end", rotate=True)
-                for j, n in enumerate(names)
-            ]
-        else:
-            xs = [
-                _text(left + (j + 0.5) * cell, top + grid + 6 + tick / 2, n, size=tick)
-                for j, n in enumerate(names)
-            ]
-        body.append(_el("g", "".join(ys), class_="ylabels"))
-        body.append(_el("g", "".join(xs), class_="xlabels"))
-    body.append(_text(left + grid / 2, height - 14, "predicted", size=13))
-    body.append(_text(14, top + grid / 2, "true", size=13, rotate=True))
-    body.append(_colour_legend(bar_x, top, grid))
-    return _svg(width, height, title, body)
+    top = top_confusions(cm)
+    if not top:
+        bars.text(0.5, 0.5, "no confusions", ha="center", va="center", transform=bars.transAxes)
+        bars.set_axis_off()
+        return fig
+    names = short_names(class_names, 30)
+    labels = [f"{names[i]} [{i}] \u2192 {names[j]} [{j}]" for i, j, _ in top]
+    counts = [n for _, _, n in top]
+    y = np.arange(len(top))
+    bars.barh(y, counts, height=0.7, **BAR)
+    bars.set_yticks(y, labels, fontsize=7)
+    bars.invert_yaxis()  # the largest on top
+    bars.set_xlim(0, max(counts) * 1.35)  # room for the share written after each bar
+    bars.xaxis.set_major_locator(MaxNLocator(integer=True))
+    for row, (i, _, n) in enumerate(top):
+        bars.text(n, row, f" {share[i, top[row][1]]:.2f} of its class", va="center", fontsize=7)
+    bars.set_xlabel("images (true \u2192 predicted)")
+    bars.set_title(f"the {len(top)} largest confusions")
+    return fig
 
 
-def _colour_legend(x: float, y: float, height: float, slices: int = 64) -> str:
-    """A vertical 0..1 "Blues" bar with ticks, as stacked slices (a gradient would need an id reference)."""
-    step = height / slices
-    parts = [
-        # each slice overlaps the next by half a pixel so no hairline gaps show between them
-        _el(
-            "rect",
-            x=x,
-            y=y + height - (s + 1) * step,
-            width=16,
-            height=step + 0.5,
-            fill=blues((s + 0.5) / slices),
-        )
-        for s in range(slices)
-    ]
-    parts.append(_el("rect", x=x, y=y, width=16, height=height, fill="none", stroke="#444444"))
-    for v in (0.0, 0.5, 1.0):
-        ty = y + height * (1 - v)
-        parts.append(_el("line", x1=x + 16, y1=ty, x2=x + 20, y2=ty, stroke="#444444"))
-        parts.append(_text(x + 23, ty, _num(v), size=10, anchor="start"))
-    parts.append(_text(x + 56, y + height / 2, "share of true class", size=11, rotate=True))
-    return _el("g", "".join(parts), class_="legend")
+# --------------------------------------------------------------------------- reliability diagram
 
 
-def reliability_svg(bins: Sequence[Any], ece: float, title: str = "reliability") -> str:
+@_styled
+def reliability_figure(bins: Sequence[Any], ece: float, title: str = "reliability"):
     """Accuracy per confidence bin against the diagonal of perfect calibration; image counts below.
 
-    `bins` are `finetune.evaluate.ReliabilityBin`s (lower, upper, count, accuracy), all of them,
+    `bins` are `finetune.metrics.ReliabilityBin`s (lower, upper, count, accuracy), all of them,
     empty ones included, so the bars tile [0, 1].
     """
-    width, height = 500.0, 550.0
-    left, plot_w = 64.0, 416.0
-    top, top_h = 40.0, 320.0  # accuracy panel
-    low, low_h = top + top_h + 16, 110.0  # count panel
-    bin_w = bins[0].upper - bins[0].lower if bins else 1.0
+    from matplotlib.ticker import MaxNLocator
 
-    def px(v: float) -> float:
-        return left + plot_w * v
-
-    def py(v: float) -> float:
-        return top + top_h * (1 - v)
-
-    body = [_text(left + plot_w / 2, 20, f"{title}: ECE {ece:.4f}", size=14, font_weight="bold")]
-    grid_lines, ticks = [], []
-    for t in range(6):  # 0, 0.2, ..., 1 on both axes of the top panel, x labels under the bottom one
-        v = t / 5
-        grid_lines.append(_el("line", x1=left, y1=py(v), x2=left + plot_w, y2=py(v), stroke="#eeeeee"))
-        grid_lines.append(_el("line", x1=px(v), y1=top, x2=px(v), y2=top + top_h, stroke="#eeeeee"))
-        ticks.append(_el("line", x1=left - 4, y1=py(v), x2=left, y2=py(v), stroke="#444444"))
-        ticks.append(_text(left - 7, py(v), _num(v), size=11, anchor="end"))
-        ticks.append(_el("line", x1=px(v), y1=low + low_h, x2=px(v), y2=low + low_h + 4, stroke="#444444"))
-        ticks.append(_text(px(v), low + low_h + 14, _num(v), size=11))
-    body.append(_el("g", "".join(grid_lines)))
-    acc = [
-        _el(
-            "rect",
-            x=px(b.lower + 0.025 * bin_w),
-            y=py(b.accuracy),
-            width=plot_w * 0.95 * bin_w,
-            height=top_h * b.accuracy,
-            stroke_width=0.8,
-            **BAR,
-        )
-        for b in bins
-    ]
-    body.append(_el("g", "".join(acc), class_="accuracy"))
-    body.append(_el("line", x1=px(0), y1=py(0), x2=px(1), y2=py(1), **DASHED))
-    most = max((b.count for b in bins), default=0)
-    counts = [
-        _el(
-            "rect",
-            x=px(b.lower + 0.025 * bin_w),
-            y=low + low_h * (1 - b.count / most if most else 1),
-            width=plot_w * 0.95 * bin_w,
-            height=low_h * b.count / most if most else 0,
-            fill="#999999",
-        )
-        for b in bins
-    ]
-    body.append(_el("g", "".join(counts), class_="counts"))
-    for value, y in ((0, low + low_h), (most, low)) if most else ((0, low + low_h),):
-        ticks.append(_el("line", x1=left - 4, y1=y, x2=left, y2=y, stroke="#444444"))
-        ticks.append(_text(left - 7, y, str(value), size=11, anchor="end"))
-    body.append(_el("g", "".join(ticks), class_="ticks"))
-    for y0, h in ((top, top_h), (low, low_h)):
-        body.append(_el("rect", x=left, y=y0, width=plot_w, height=h, fill="none", stroke="#444444"))
-    body.append(_text(16, top + top_h / 2, "accuracy", size=12, rotate=True))
-    body.append(_text(16, low + low_h / 2, "images", size=12, rotate=True))
-    body.append(_text(left + plot_w / 2, height - 14, "confidence (top-1 probability)", size=12))
-    legend = [
-        _el("rect", x=left + 8, y=top + 8, width=150, height=42, fill="#ffffff", stroke="#cccccc"),
-        _el("rect", x=left + 16, y=top + 16, width=18, height=10, **BAR),
-        _text(left + 42, top + 21, "accuracy", size=11, anchor="start"),
-        _el("line", x1=left + 16, y1=top + 40, x2=left + 34, y2=top + 40, **DASHED),
-        _text(left + 42, top + 40, "perfect calibration", size=11, anchor="start"),
-    ]
-    body.append(_el("g", "".join(legend), class_="legend"))
-    return _svg(width, height, f"{title}: ECE {ece:.4f}", body)
+    fig = _figure(5.0, 5.4)
+    top, low = fig.subplots(2, 1, sharex=True, height_ratios=[3, 1])
+    lower = np.asarray([b.lower for b in bins])
+    width = np.asarray([b.upper - b.lower for b in bins])
+    left, inner = lower + 0.03 * width, 0.94 * width  # a sliver between bars: two full bins read as two
+    top.bar(
+        left, [b.accuracy for b in bins], width=inner, align="edge", linewidth=0.6, label="accuracy", **BAR
+    )
+    top.plot([0, 1], [0, 1], linestyle="--", color="#999999", linewidth=1.5, label="perfect calibration")
+    top.set_xlim(0, 1)
+    top.set_ylim(0, 1)
+    top.set_ylabel("accuracy")
+    top.set_title(f"{title}: ECE {ece:.4f}")
+    top.legend(loc="upper left", fontsize=8)
+    top.grid(alpha=0.3)
+    low.bar(left, [b.count for b in bins], width=inner, align="edge", color="#999999")
+    low.yaxis.set_major_locator(MaxNLocator(nbins=3, integer=True))
+    low.set_ylabel("images")
+    low.set_xlabel("confidence (top-1 probability)")
+    return fig
 
 
-def _thumbnail(path: Path) -> tuple[str, int, int] | None:
-    """(data: URI of a PNG, width, height) of the image at most THUMB px a side; None if unreadable."""
+# --------------------------------------------------------------------------- most confident mistakes
+
+
+def _thumbnail(path: Path) -> np.ndarray | None:
+    """(h, w, 3) uint8 of the image at most THUMB px a side; None when it cannot be read any more."""
     from finetune.data.decode import ImageError, load_rgb
 
     try:
@@ -339,10 +286,11 @@ def _thumbnail(path: Path) -> tuple[str, int, int] | None:
         im.thumbnail((THUMB, THUMB))
     except (ImageError, OSError):  # the file moved or broke since the run: the caption still shows
         return None
-    return _png_href(np.asarray(im)), im.width, im.height
+    return np.asarray(im)
 
 
-def mistakes_svg(picks: Sequence[tuple[Path, dict]], score_kind: str = "probability") -> str:
+@_styled
+def mistakes_figure(picks: Sequence[tuple[Path, dict]], score_kind: str = "probability"):
     """A grid (at most 4 columns) of thumbnails, each with its file name, true class and prediction.
 
     `picks` are (image path, prediction row with path/label/pred/score); the score is a top-1
@@ -350,61 +298,54 @@ def mistakes_svg(picks: Sequence[tuple[Path, dict]], score_kind: str = "probabil
     """
     cols = min(4, max(1, len(picks)))
     nrows = max(1, math.ceil(len(picks) / cols))
-    cell_w, cell_h, pad = 190.0, 200.0, 10.0
+    # a fixed grid (no constrained layout: it took 2.5x the drawing time of 16 thumbnails)
+    cell, caption = 2.6, 0.5  # inches: one cell, and the three caption lines above each thumbnail
+    height = cell * nrows
+    box = (height - caption - 0.1 - (nrows - 1) * caption) / nrows  # each thumbnail's height
+    fig = _figure(cell * cols, height, layout=None)
+    grid = {"left": 0.02, "right": 0.98, "top": 1 - caption / height, "bottom": 0.1 / height}
+    axes = fig.subplots(
+        nrows, cols, squeeze=False, gridspec_kw={**grid, "wspace": 0.1, "hspace": caption / box}
+    )
+    axes = axes.ravel()
     short = "p" if score_kind == "probability" else "score"
-    body = []
-    for n, (path, row) in enumerate(picks):
-        x0, y0 = pad + (n % cols) * cell_w, pad + (n // cols) * cell_h
-        mid = x0 + cell_w / 2
-        caption = [
-            _clip(Path(str(row["path"])).name, 28, middle=True),
-            f"true {_clip(str(row['label']), 24)}",
-            f"pred {_clip(str(row['pred']), 14)} ({short} {float(row['score']):.2f})",
-        ]
-        parts = [_text(mid, y0 + 8 + 14 * i, line, size=11) for i, line in enumerate(caption)]
-        box_y = y0 + 46
+    for ax, (path, row) in zip(axes, picks, strict=False):
         thumb = _thumbnail(path)
         if thumb is None:
-            box = {"x": mid - THUMB / 2, "y": box_y, "width": THUMB, "height": THUMB}
-            parts.append(_el("rect", fill="#f2f2f2", stroke="#dddddd", **box))
-            parts.append(_text(mid, box_y + THUMB / 2, "image unavailable", size=11, fill="#666666"))
-        else:
-            href, w, h = thumb
-            scale = THUMB / max(w, h)  # drawn THUMB px on the long side; a small image is enlarged
-            parts.append(
-                _image(mid - w * scale / 2, box_y + (THUMB - h * scale) / 2, w * scale, h * scale, href)
+            ax.set_facecolor("#f2f2f2")
+            ax.text(
+                0.5,
+                0.5,
+                "image unavailable",
+                ha="center",
+                va="center",
+                color="#666666",
+                transform=ax.transAxes,
             )
-        body.append(_el("g", "".join(parts), class_="mistake"))
-    return _svg(2 * pad + cols * cell_w, 2 * pad + nrows * cell_h, "most confident mistakes", body)
-
-
-# --------------------------------------------------------------------------- training curves (matplotlib)
-#
-# Only fine-tune runs have a history.csv; matplotlib is imported when there is one to draw.
-
-
-def _figure(width: float, height: float):
-    """A matplotlib Figure on the Agg canvas (no pyplot, no display needed)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
-    FigureCanvasAgg(fig)
+        else:
+            ax.imshow(thumb, interpolation="nearest" if max(thumb.shape[:2]) < THUMB else "antialiased")
+        ax.set_xticks([])
+        ax.set_yticks([])
+        ax.set_title(
+            "\n".join(
+                [
+                    _clip(Path(str(row["path"])).name, 36, middle=True),
+                    f"true {_clip(row['label'], 34, middle=True)}",
+                    f"pred {_clip(row['pred'], 28, middle=True)} ({short} {float(row['score']):.2f})",
+                ]
+            ),
+            fontsize=7.5,
+        )
+    for ax in axes[len(picks) :]:
+        ax.set_axis_off()
     return fig
 
 
-def png_bytes(fig) -> bytes:
-    """The figure as PNG bytes (no software/date metadata, so equal figures give equal bytes)."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", metadata={"Software": None})
-    return buf.getvalue()
+# --------------------------------------------------------------------------- training curves
 
 
 def read_history(path: Path) -> dict[str, np.ndarray] | None:
-    """history.csv as {column: float array}; None when absent or without rows. Blank cells are NaN.
-
-    Columns used: epoch, train_loss, val_loss, train_acc(uracy), val_acc(uracy), lr; others are ignored.
-    """
+    """history.csv as {column: float array}; None when absent or without rows. Blank cells are NaN."""
     if not path.is_file():
         return None
     with open(path, newline="", encoding="utf-8") as fh:
@@ -421,34 +362,121 @@ def read_history(path: Path) -> dict[str, np.ndarray] | None:
     return {col: np.asarray([number(r.get(col)) for r in rows]) for col in rows[0] if col}
 
 
-def curves_figure(history: dict[str, np.ndarray]):
-    """Loss and accuracy per epoch (train and val), and the learning rate, from history.csv columns."""
+def smoothing_floor(label_smoothing: float, n_classes: int) -> float:
+    """The least cross-entropy against label-smoothed targets: the entropy of the smoothed target.
+
+    The true class gets 1 - eps + eps/K, every other eps/K (PyTorch's CrossEntropyLoss); a
+    perfect model's training loss is this, not 0, while its validation loss (hard labels) goes to 0.
+    """
+    eps, k = float(label_smoothing), int(n_classes)
+    if eps <= 0 or k < 2:
+        return 0.0
+    hit, miss = 1 - eps + eps / k, eps / k
+    return float(-hit * math.log(hit) - (k - 1) * miss * math.log(miss))
+
+
+def _first(history: dict[str, np.ndarray], *names: str) -> str | None:
+    """The first of `names` that history.csv has with at least one number (train.py's names first)."""
+    return next((c for c in names if c in history and np.isfinite(history[c]).any()), None)
+
+
+@_styled
+def curves_figure(history: dict[str, np.ndarray], label_smoothing: float = 0.0, n_classes: int = 0):
+    """Loss, accuracy and learning rate per epoch from history.csv's columns; one panel each.
+
+    Epochs are whole numbers on the axis and accuracy stays in [0, 1]. The training loss is the
+    running mean over the epoch's augmented batches against the recipe's label-smoothed targets;
+    the validation loss is plain cross-entropy at the epoch's end. The legend says so, and with
+    smoothing a dotted line marks the least training loss it allows (`smoothing_floor`).
+    """
     from matplotlib.ticker import MaxNLocator
 
     n = len(next(iter(history.values())))
     epochs = history.get("epoch", np.arange(1, n + 1, dtype=float))
-    panels = [
-        ("loss", ("train_loss", "val_loss")),
-        # train.py writes train_accuracy / val_accuracy; the short names are accepted too
-        ("accuracy", ("train_acc", "train_accuracy", "val_acc", "val_accuracy")),
-        ("learning rate", ("lr",)),
-    ]
-    panels = [(t, [c for c in cols if c in history and np.isfinite(history[c]).any()]) for t, cols in panels]
-    panels = [(t, cols) for t, cols in panels if cols]
-    fig = _figure(4.0 * max(1, len(panels)), 3.2)
+    smooth = f", label smoothing {label_smoothing:g}" if label_smoothing > 0 else ""
+    series = {
+        "loss": [
+            (_first(history, "train_loss"), f"train (batch mean{smooth})"),
+            (_first(history, "val_loss"), "validation (cross-entropy)"),
+        ],
+        "accuracy": [
+            (_first(history, "train_accuracy", "train_acc"), "train (batch mean)"),
+            (_first(history, "val_accuracy", "val_acc"), "validation"),
+        ],
+        "learning rate": [(_first(history, "lr"), "head")],
+    }
+    panels = [(title, [(c, label) for c, label in cols if c]) for title, cols in series.items()]
+    panels = [(title, cols) for title, cols in panels if cols]
+    fig = _figure(4.2 * max(1, len(panels)), 3.4)
     axes = np.atleast_1d(fig.subplots(1, max(1, len(panels)))).ravel()
+    marker = "o" if n <= 20 else None
     for ax, (title, cols) in zip(axes, panels, strict=False):
-        for col in cols:
-            ax.plot(epochs, history[col], marker="o", markersize=3, label=col.replace("_", " "))
+        for col, label in cols:
+            ax.plot(epochs, history[col], marker=marker, markersize=3.5, label=label, clip_on=False)
         ax.set_title(title)
         ax.set_xlabel("epoch")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 1.5"
-        if title == "learning rate" and np.nanmin(history["lr"]) > 0:
-            ax.set_yscale("log")
-        ax.legend(fontsize=8)
+        ax.set_xlim(np.nanmin(epochs) - 0.5, np.nanmax(epochs) + 0.5)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # never "epoch 1.5"
+        if title == "loss":
+            floor = smoothing_floor(label_smoothing, n_classes)
+            if floor > 0:
+                ax.axhline(
+                    floor,
+                    color="#777777",
+                    linestyle=":",
+                    label=f"least train loss with smoothing ({floor:.3f})",
+                )
+            ax.set_ylim(bottom=0)
+        elif title == "accuracy":
+            ax.set_ylim(0, 1)
+        else:
+            lr = history[cols[0][0]]
+            lr = lr[np.isfinite(lr)]
+            if lr.min() > 0 and lr.max() / lr.min() > 3:
+                ax.set_yscale("log")
+                _log_axis(ax.yaxis)
+            else:
+                ax.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+        ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     return fig
 
 
-def curves_png(history: dict[str, np.ndarray]) -> bytes:
-    return png_bytes(curves_figure(history))
+# --------------------------------------------------------------------------- compare
+
+
+@_styled
+def compare_figure(rows: Sequence[Any]):
+    """Validation accuracy (0-1) against wall time, one marker per strategy, named in a legend below.
+
+    `rows` have .strategy, .accuracy and .seconds (`finetune.app.compare.CompareRow`). A legend
+    instead of labels beside the points: labels of runs with close times and accuracies overlap.
+    """
+    fig = _figure(6.4, 4.6)
+    ax = fig.subplots()
+    markers = "osD^vP*X"
+    for i, r in enumerate(rows):
+        ax.scatter(
+            r.seconds,
+            r.accuracy,
+            s=55,
+            marker=markers[i % len(markers)],
+            zorder=3,
+            clip_on=False,
+            label=f"{r.strategy}: {r.accuracy:.3f} in {r.seconds:.0f} s",
+        )
+    seconds = [r.seconds for r in rows if r.seconds > 0]
+    if seconds and max(seconds) / min(seconds) > 5:
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis)
+        ax.set_xlabel("wall time of the run (s, log scale)")
+    else:
+        ax.set_xlabel("wall time of the run (s)")
+        ax.set_xlim(left=0, right=max(seconds, default=1.0) * 1.1)
+    low = min((r.accuracy for r in rows), default=0.0)
+    ax.set_ylim(max(0.0, min(0.9, math.floor((low - 0.05) * 10) / 10)), 1.0)
+    ax.set_ylabel("validation accuracy")
+    ax.set_title("strategies on one split")
+    ax.grid(alpha=0.3)
+    fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig

@@ -2,10 +2,10 @@
 
     print_run_summary(result)            # after `finetune run`: accuracy, per-class table, run folder
     print_evaluation(ev)                 # after `finetune evaluate`
-    write_report(run_dir)                # run_dir/report.html + run_dir/figures/*.svg (+ curves.png)
+    write_report(run_dir)                # run_dir/report.html + figures/*.svg (+ curves.png of a fine-tune)
 
-report.html opens offline in any browser: figures (`figures.py`) are inline `data:` images, the
-CSS is inline, there is no script and no external URL.
+report.html opens offline in any browser: figures (`figures.py`, matplotlib) are inline `data:`
+images, the CSS is inline, there is no script and no external URL.
 """
 
 from __future__ import annotations
@@ -21,14 +21,25 @@ from typing import Any
 
 import numpy as np
 
-from finetune.app.figures import confusion_svg, curves_png, mistakes_svg, read_history, reliability_svg
-from finetune.console import printable
+from finetune.app.figures import (
+    confusion_figure,
+    curves_figure,
+    figure_bytes,
+    figure_size_px,
+    mistakes_figure,
+    read_history,
+    reliability_figure,
+)
+from finetune.console import printable, text_table
 
 log = logging.getLogger(__name__)
 
 FIGURES_DIR = "figures"
 REPORT_FILE = "report.html"
+CURVES_FILE = "curves.png"  # in the run folder itself, as the README promises
 MAX_LISTED_PROBLEMS = 200  # skipped/ignored files shown in the report; the rest are counted
+OPEN_TABLE_MAX_ROWS = 30  # longer per-class tables start folded (<details>), so the figures stay near
+WIDE_FIGURE_PX = 600  # wider than half the page: shown at its own size on a row of its own, not shrunk
 
 
 def _console():
@@ -37,21 +48,14 @@ def _console():
     return Console(highlight=False, soft_wrap=True, markup=False)  # a class named "[red]" prints as is
 
 
-def per_class_table(metrics: dict, title: str):
-    from rich.table import Table
-
-    table = Table(title=title, title_justify="left")
-    for col in ("class", "precision", "recall", "f1", "support"):
-        table.add_column(col, justify="left" if col == "class" else "right")
-    for name, row in metrics.get("per_class", {}).items():
-        table.add_row(
-            printable(name),
-            f"{row['precision']:.3f}",
-            f"{row['recall']:.3f}",
-            f"{row['f1']:.3f}",
-            str(row["support"]),
-        )
-    return table
+def per_class_table(metrics: dict, title: str) -> str:
+    """Precision, recall, F1 and support per class, as aligned text."""
+    rows = [
+        [name, f"{r['precision']:.3f}", f"{r['recall']:.3f}", f"{r['f1']:.3f}", r["support"]]
+        for name, r in metrics.get("per_class", {}).items()
+    ]
+    header = ["class", "precision", "recall", "f1", "support"]
+    return text_table(header, rows, right=(1, 2, 3, 4), title=title)
 
 
 def print_run_summary(result: Any) -> None:
@@ -75,7 +79,8 @@ def print_run_summary(result: Any) -> None:
             )
     headline = m.get("headline", "val")
     if headline in m and len(m[headline].get("per_class", {})) <= 50:
-        console.print(per_class_table(m[headline], f"per class ({m.get('headline_label', headline)})"))
+        label = m.get("headline_label", headline)
+        console.print(per_class_table(m[headline], f"per class ({label})"), markup=False)
     if (result.run_dir / REPORT_FILE).is_file():
         console.print(f"report: {printable(str(result.run_dir / REPORT_FILE))}")
     console.print(f"run folder: {printable(str(result.run_dir))}")
@@ -97,7 +102,7 @@ def print_evaluation(ev: Any) -> None:
     else:
         console.print("calibration: not applicable (the SVM head gives scores, not probabilities)")
     if len(m.get("per_class", {})) <= 50:
-        console.print(per_class_table(m, "per class"))
+        console.print(per_class_table(m, "per class"), markup=False)
     for name, path in ev.files.items():
         console.print(f"{name}: {path}")
 
@@ -119,6 +124,7 @@ tr.chosen td { font-weight: bold; background: #eef6ee; }
 .note { color: #666; font-style: italic; }
 .figs { display: flex; flex-wrap: wrap; gap: 1em; align-items: flex-start; }
 .figs img { max-width: calc(50% - 0.5em); height: auto; border: 1px solid #eee; }
+.figs img.wide { max-width: 100%; }
 img { max-width: 100%; height: auto; }
 pre { background: #f6f8fa; padding: 0.8em; overflow-x: auto; font-size: 0.85em; }
 code { font-size: 0.92em; }
@@ -138,14 +144,14 @@ def _read_json(path: Path) -> Any:
         return None
 
 
-def _img(blob: bytes, alt: str, mime: str = "image/png") -> str:
-    """An <img> whose picture is inside the page (a base64 data: URI), with its alt text."""
+def _img(blob: bytes, alt: str, mime: str = "image/png", wide: bool = False) -> str:
+    """An <img> whose picture is inside the page (a base64 data: URI), with its alt text.
+
+    `wide`: the figure may take the page's whole width instead of half of it.
+    """
     data = base64.b64encode(blob).decode("ascii")
-    return f'<img src="data:{mime};base64,{data}" alt="{_e(alt)}">'
-
-
-def _svg_img(svg: str, alt: str) -> str:
-    return _img(svg.encode("utf-8", "replace"), alt, "image/svg+xml")
+    cls = ' class="wide"' if wide else ""
+    return f'<img{cls} src="data:{mime};base64,{data}" alt="{_e(alt)}">'
 
 
 def _table(
@@ -158,6 +164,13 @@ def _table(
         cells = "".join(f'<td class="{"l" if i < left else ""}">{_e(v)}</td>' for i, v in enumerate(row))
         body.append(f'<tr class="chosen">{cells}</tr>' if r == chosen else f"<tr>{cells}</tr>")
     return f"<table><thead><tr>{head}</tr></thead><tbody>{''.join(body)}</tbody></table>"
+
+
+def _folded(summary: str, table: str) -> str:
+    """A long table folded under its summary line; a short one shown as it is."""
+    if table.count("<tr>") + table.count('<tr class="chosen">') <= OPEN_TABLE_MAX_ROWS + 1:
+        return table
+    return f"<details><summary>{_e(summary)}</summary>{table}</details>"
 
 
 def _fmt(x: Any, digits: int = 4) -> str:
@@ -194,6 +207,37 @@ def _results_section(metrics: dict, ece: dict[str, float]) -> str:
     return f'<section id="results"><h2>Results</h2>{table}{extra}</section>'
 
 
+# The recipe keys each method reads (probe/linear.py, probe/stage.py; train/); the others are shown
+# in config.json only, so a probe's report does not list learning rates it never used.
+PROBE_KEYS = (
+    *("name", "description", "method"),
+    *("head", "c_grid", "layer", "pool", "batch_size", "image_size", "seed"),
+)
+NOT_FINETUNE_KEYS = ("head", "layer")  # a fine-tune trains its own linear head on the pooled output
+LPFT_KEYS = ("c_grid", "pool")  # read by a fine-tune only to fit its starting head (init_head = "probe")
+
+
+def recipe_keys(recipe: dict, strategy: str = "") -> list[str]:
+    """The keys of a resolved recipe that its method uses, in the recipe's order."""
+    if recipe.get("method", "probe") == "probe":
+        used = set(PROBE_KEYS) - ({"layer"} if strategy == "stage-probe" else set())  # it tries every stage
+    else:
+        used = set(recipe) - set(NOT_FINETUNE_KEYS)
+        if recipe.get("init_head") != "probe":
+            used -= set(LPFT_KEYS)
+    return [k for k in recipe if k in used]
+
+
+def _head_text(config: dict) -> str:
+    """What the run's head is: a probe's sklearn head, or the linear layer a fine-tune trained."""
+    kind = config.get("head_kind", "")
+    if kind == "finetune":
+        return "linear layer, trained with the network"
+    return {"logreg": "logistic regression (folded into a linear layer)", "svm": "linear SVM (folded)"}.get(
+        kind, kind
+    )
+
+
 def _config_section(config: dict) -> str:
     pre = config.get("preprocessing", {})
     weights = config.get("weights", {})
@@ -206,7 +250,7 @@ def _config_section(config: dict) -> str:
             + (f", sha256 {weights['sha256'][:16]}…" if weights.get("sha256") else ""),
         ],
         ["strategy", config.get("strategy", "")],
-        ["head", config.get("head_kind", "")],
+        ["head", _head_text(config)],
         ["cut at (tap), pooling", f"{config.get('tap')}, {config.get('pool')}"],
         ["input", f"{pre.get('input_size')} px, crop {pre.get('crop_pct')}, {pre.get('interpolation')}"],
         ["normalize", f"mean {pre.get('mean')}, std {pre.get('std')}"],
@@ -218,13 +262,18 @@ def _config_section(config: dict) -> str:
     if isinstance(advice, dict) and advice.get("reason"):
         rows.append(["chosen by auto", advice["reason"]])
     recipe = config.get("recipe", {})
-    recipe_rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in recipe.items()]
+    keys = recipe_keys(recipe, config.get("strategy", ""))
+    shown = {k: recipe[k] for k in keys}
+    recipe_rows = [[k, json.dumps(v) if isinstance(v, (dict, list)) else v] for k, v in shown.items()]
+    unused = len(recipe) - len(keys)
+    note = f"; {unused} keys it does not use are in config.json" if unused else ""
     full = html.escape(json.dumps(config, indent=2))
     return (
         '<section id="config"><h2>Configuration</h2>'
         + _table(["setting", "value"], rows, left=2)
         + (
-            f"<details><summary>recipe ({_e(recipe.get('name', '?'))}, {len(recipe_rows)} keys)</summary>"
+            f"<details><summary>recipe ({_e(recipe.get('name', '?'))}: the {len(recipe_rows)} keys "
+            f"a {_e(recipe.get('method', 'probe'))} run uses{_e(note)})</summary>"
             + _table(["key", "value"], recipe_rows, left=2)
             + "</details>"
             if recipe_rows
@@ -249,7 +298,11 @@ def _data_section(config: dict, problems: dict | None) -> str:
     parts = [
         '<section id="data"><h2>Data</h2>',
         f"<p>folder <code>{_e(data.get('root', '?'))}</code>, layout {_e(data.get('layout', '?'))}</p>",
-        _table(["class"] + splits + ["all"], rows) if splits else "",
+        _folded(
+            f"images per class and split ({len(names)} classes)", _table(["class"] + splits + ["all"], rows)
+        )
+        if splits
+        else "",
     ]
     problems = problems or {}
     for key, title in (("skipped", "Skipped files (unreadable)"), ("ignored", "Ignored files")):
@@ -310,29 +363,33 @@ def _split_figures(
     rows, y_true, y_pred, score = split_arrays(predictions, names, split)
     if not rows:
         return "", None
+
+    def figure(fig, name: str, alt: str) -> str:
+        svg = figure_bytes(fig, "svg")
+        save(f"{name}-{split}.svg", svg)
+        wide = figure_size_px(fig)[0] > WIDE_FIGURE_PX
+        return _img(svg, f"{alt}, {split} split", "image/svg+xml", wide=wide)
+
     parts = [f"<h3>{_e(split)} split ({len(rows)} images)</h3>", '<div class="figs">']
     cm = confusion_matrix(y_true, y_pred, len(names))  # (K, K)
-    svg = confusion_svg(cm, names, f"confusion matrix ({split})")
-    save(f"confusion-{split}.svg", svg.encode("utf-8", "replace"))
-    parts.append(_svg_img(svg, f"confusion matrix, {split} split"))
+    parts.append(
+        figure(confusion_figure(cm, names, f"confusion matrix ({split})"), "confusion", "confusion matrix")
+    )
     ece = None
     probabilistic = config.get("head_kind", "logreg") != "svm"
     if probabilistic and np.isfinite(score).all():
         correct = y_true == y_pred
         ece = calibration_summary(score, correct)["ece"]
-        svg = reliability_svg(reliability_bins(score, correct), ece, f"reliability ({split})")
-        save(f"reliability-{split}.svg", svg.encode("utf-8", "replace"))
-        parts.append(_svg_img(svg, f"reliability diagram, {split} split"))
+        fig = reliability_figure(reliability_bins(score, correct), ece, f"reliability ({split})")
+        parts.append(figure(fig, "reliability", "reliability diagram"))
     worst = most_confident_mistakes(y_true, y_pred, np.nan_to_num(score, nan=-np.inf))
     parts.append("</div>")
     if worst:
         root = Path(config.get("data", {}).get("root", ""))
-        svg = mistakes_svg(
-            [(root / rows[i]["path"], rows[i]) for i in worst], "probability" if probabilistic else "score"
-        )
-        save(f"mistakes-{split}.svg", svg.encode("utf-8", "replace"))
+        picks = [(root / rows[i]["path"], rows[i]) for i in worst]
+        fig = mistakes_figure(picks, "probability" if probabilistic else "score")
         parts.append(f"<h4>Most confident mistakes ({len(worst)} shown)</h4>")
-        parts.append(_svg_img(svg, f"most confident mistakes, {split} split"))
+        parts.append(figure(fig, "mistakes", "most confident mistakes"))
     else:
         parts.append('<p class="note">no mistakes on this split</p>')
     per_class = (metrics.get(split) or {}).get("per_class", {})
@@ -341,8 +398,9 @@ def _split_figures(
             [c, _fmt(r["precision"], 3), _fmt(r["recall"], 3), _fmt(r["f1"], 3), r["support"]]
             for c, r in per_class.items()
         ]
+        table = _table(["class", "precision", "recall", "F1", "support"], table_rows)
         parts.append(
-            "<h4>Per class</h4>" + _table(["class", "precision", "recall", "F1", "support"], table_rows)
+            "<h4>Per class</h4>" + _folded(f"precision, recall, F1 ({len(table_rows)} classes)", table)
         )
     return "".join(parts), ece
 
@@ -376,8 +434,8 @@ def _other_evaluations(run_dir: Path) -> str:
 def write_report(run_dir: str | Path) -> Path:
     """Write run_dir/report.html (self-contained) and its figures under run_dir/figures/.
 
-    Figures: confusion-<split>.svg, reliability-<split>.svg, mistakes-<split>.svg for the val and
-    test splits, and curves.png when there is a history.csv (matplotlib is imported only then).
+    Figures: figures/confusion-<split>.svg, reliability-<split>.svg, mistakes-<split>.svg for the
+    val and test splits, and the run folder's curves.png when there is a history.csv.
     Reads config.json, metrics.json, problems.json, predictions.json and history.csv; each one
     that is missing only drops its section. Returns the path of report.html.
     """
@@ -394,8 +452,10 @@ def write_report(run_dir: str | Path) -> Path:
 
     history = read_history(run_dir / "history.csv")
     if history:
-        blob = curves_png(history)
-        save("curves.png", blob)
+        recipe = config.get("recipe", {})
+        fig = curves_figure(history, recipe.get("label_smoothing", 0.0), len(config.get("class_names", [])))
+        blob = figure_bytes(fig, "png")
+        atomic_write(run_dir / CURVES_FILE, lambda fh: fh.write(blob))
         curves = _img(blob, "training curves")
     else:
         curves = (

@@ -326,7 +326,7 @@ def valid_shards(folder: Path, discard: Callable[[str, str], None] | None = None
 
 
 def cache_info(root: Path | None = None) -> list[dict]:
-    """One row per cached feature set: model, tap, images, size on disk."""
+    """One row per cached feature set: model, weights sha256, input size, decoder, tap, images, bytes."""
     base = (root or cache_root()) / "features"
     rows = []
     if base.is_dir():
@@ -338,10 +338,17 @@ def cache_info(root: Path | None = None) -> list[dict]:
             ident = ident if isinstance(ident, dict) else {}
             keys = sum(len(k) for k in valid_shards(d).values())
             size = _bytes(d)
+            try:
+                pre = dict(ident.get("preprocessing") or [])  # (key, JSON text) pairs
+            except (TypeError, ValueError):
+                pre = {}
             rows.append(
                 {
                     "id": d.name,
                     "model": ident.get("model", "?"),
+                    "weights": str(ident.get("weights_sha256", "?"))[:12],
+                    "input_size": _json_or_none(pre.get("input_size")),
+                    "decoder": ident.get("decoder", "?"),
                     "tap": ident.get("tap", "?"),
                     "pool": ident.get("pool", "?"),
                     "rows": keys,
@@ -357,16 +364,24 @@ CACHE_PARTS = {
     "trunks": "cut networks",
     "backbones": "backbone cards",
 }
+KEPT_PARTS = {"datasets": "demo datasets"}  # listed by cache info, kept by cache clear
 
 
 def cache_parts(root: Path | None = None) -> dict[str, dict]:
-    """{folder: {"what", "files", "bytes"}} for the engines, cut networks and backbone cards."""
+    """{folder: {"what", "files", "bytes", "kept"}}: engines, cut networks, cards; datasets (kept)."""
     out = {}
-    for sub, what in CACHE_PARTS.items():
+    for sub, what in {**CACHE_PARTS, **KEPT_PARTS}.items():
         d = (root or cache_root()) / sub
         files = [f for f in d.rglob("*") if f.is_file()] if d.is_dir() else []
-        out[sub] = {"what": what, "files": len(files), "bytes": _bytes(d)}
+        out[sub] = {"what": what, "files": len(files), "bytes": _bytes(d), "kept": sub in KEPT_PARTS}
     return out
+
+
+def _json_or_none(text) -> object:
+    try:
+        return json.loads(text) if isinstance(text, str) else None
+    except ValueError:
+        return None
 
 
 def _bytes(folder: Path) -> int:

@@ -6,6 +6,7 @@ print(describe("vgg16", show_taps=True))       # taps with their output shapes
 
 from __future__ import annotations
 
+from finetune.console import text_table
 from finetune.models.backbone import _meta_model, _preprocessing_of, num_parameters
 from finetune.models.catalogue import ALIASES, resolve
 from finetune.models.fetch import MIRROR_VAR, cached_file, hf_cache_dir, published, status, torch_hub_dir
@@ -38,21 +39,13 @@ def _millions(n: int) -> str:
     return f"{n / 1e6:.1f}M"
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
-    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
-    lines = [
-        "  ".join(str(c).ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in [header, *rows]
-    ]
-    return "\n".join(lines)
-
-
 def catalogue_text() -> str:
     """The `finetune backbones` table, plus where weights come from."""
     rows = [
         [r["name"], r["family"], r["model"], _millions(r["params"]), str(r["input"]), r["weights"]]
         for r in catalogue_rows()
     ]
-    table = _table(["name", "family", "model", "params", "input", "weights"], rows)
+    table = text_table(["name", "family", "model", "params", "input", "weights"], rows, right=(3, 4))
     return (
         f"{table}\n\nAny timm name (resnet50d, vgg16.tv_in1k) or torchvision name (tv:alexnet) works too."
         "\n"
@@ -96,10 +89,10 @@ def describe(
     if show_taps:
         shapes = anatomy.tap_shapes(model, size)
         lines.append(f"\ntaps at {size} px (unpooled output shape):")
-        lines.append(_table(["tap", "shape"], [[t, " x ".join(map(str, s))] for t, s in shapes.items()]))
+        lines.append(text_table(["tap", "shape"], [[t, " x ".join(map(str, s))] for t, s in shapes.items()]))
     if show_stages:
         sizes = dict((n, p.numel()) for n, p in model.named_parameters())
         rows = [[s.name, str(s.size), f"{sum(sizes[p] for p in s.params):,}"] for s in anatomy.stages(model)]
         lines.append("\nstages, bottom -> top:")
-        lines.append(_table(["stage", "tensors", "params"], rows))
+        lines.append(text_table(["stage", "tensors", "params"], rows, right=(1, 2)))
     return "\n".join(lines)

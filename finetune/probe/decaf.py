@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from finetune.console import text_table
 from finetune.errors import BackboneError, DataError
 
 log = logging.getLogger(__name__)
@@ -194,20 +195,16 @@ class ProbeTable:
         return next(c for c in self.cells if c.layer == layer and c.head == head)
 
     def format(self) -> str:
-        """The DeCAF table as text: rows = layers, columns = heads, cells = accuracy % mean ± std."""
-        width = 16
-        lines = [
-            f"validation accuracy (%), mean ± std over {self.repeats} stratified splits "
-            f"({self.n_images} images, {self.n_classes} classes, {self.val_fraction:.0%} held out)",
-            f"{'layer':<12}" + "".join(f"{h:>{width}}" for h in self.heads),
+        """The DeCAF table as text: rows = layers, columns = heads, cells = accuracy (0-1) mean ± std."""
+        rows = [
+            [layer] + [f"{c.mean:.4f} ± {c.std:.4f}" for c in (self.cell(layer, h) for h in self.heads)]
+            for layer in self.layers
         ]
-        for layer in self.layers:
-            cells = [self.cell(layer, h) for h in self.heads]
-            lines.append(
-                f"{layer:<12}"
-                + "".join(f"{100 * c.mean:>{width - 6}.2f} ± {100 * c.std:<4.2f}" for c in cells)
-            )
-        return "\n".join(lines)
+        title = (
+            f"validation accuracy, mean ± std over {self.repeats} stratified splits "
+            f"({self.n_images} images, {self.n_classes} classes, {self.val_fraction:.0%} held out)"
+        )
+        return text_table(["layer", *self.heads], rows, right=range(1, len(self.heads) + 1), title=title)
 
     def to_dict(self) -> dict:
         return {

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import time
 
+from finetune.console import text_table
 from finetune.errors import DataError
 from finetune.features.extract import Features
 from finetune.method import Outcome, RunContext
@@ -38,12 +39,19 @@ def choose_stage(rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict], best: str) -> str:
-    lines = [f"{'stage':<10} {'dim':>6} {'cv acc':>8} {'val acc':>8}  {'C':>7}"]
-    for r in rows:
-        mark = "  <- chosen" if r["stage"] == best else ""
-        cv = f"{r['cv_accuracy']:>8.4f}" if r["cv_accuracy"] is not None else f"{'-':>8}"
-        lines.append(f"{r['stage']:<10} {r['dim']:>6} {cv} {r['accuracy']:>8.4f}  {r['C']:>7g}{mark}")
-    return "\n".join(lines)
+    """The per-stage table as aligned text, the chosen stage marked."""
+    cells = [
+        [
+            r["stage"],
+            r["dim"],
+            "-" if r["cv_accuracy"] is None else f"{r['cv_accuracy']:.4f}",
+            f"{r['accuracy']:.4f}",
+            f"{r['C']:g}",
+            "<- chosen" if r["stage"] == best else "",
+        ]
+        for r in rows
+    ]
+    return text_table(["stage", "dim", "cv accuracy", "val accuracy", "C", ""], cells, right=(1, 2, 3, 4))
 
 
 def stage_probe(ctx: RunContext) -> Outcome:

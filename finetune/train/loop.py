@@ -92,9 +92,6 @@ log = logging.getLogger(__name__)
 HISTORY_FILE = "history.csv"
 
 
-CURVES_FILE = "curves.png"
-
-
 # Tests only: behave as if SIGINT arrived after this many training batches (counted over the run).
 STOP_AFTER_ENV = "FINETUNE_STOP_AFTER_BATCHES"
 
@@ -598,28 +595,6 @@ def write_history(path: Path, history: list[dict]) -> None:
     atomic_write(path, lambda fh: fh.write(data))
 
 
-def save_curves(path: Path, history: list[dict]) -> None:
-    """Loss and accuracy per epoch (train and validation) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    epochs = [r["epoch"] for r in history]
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for ax, key in ((ax1, "loss"), (ax2, "accuracy")):
-        ax.plot(epochs, [r[f"train_{key}"] for r in history], marker="o", label="train")
-        ax.plot(epochs, [r[f"val_{key}"] for r in history], marker="o", label="validation")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel(key)
-        ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    atomic_write(path, lambda fh: fh.write(buf.getvalue()))
-
-
 def seed_head(ctx: RunContext, trunk: nn.Module, head: nn.Linear, device: torch.device) -> dict:
     """LP-FT: copy a linear probe of the frozen trunk (`probe.linear.lpft_head`) into `head`."""
     from finetune.probe.linear import lpft_head
@@ -687,8 +662,6 @@ def run_finetune(ctx: RunContext) -> Outcome:
         "frozen_params": sum(1 for p in model.parameters() if not p.requires_grad),
         "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad),
     }
-    if dist.main and st.history:
-        save_curves(ctx.run_dir / CURVES_FILE, st.history)
     extra = {"probe_head": probe} if probe else {}
     extra["device"] = str(device)
     return Outcome(model.state_dict(), "pool", "finetune", metrics, predictions, extra)
