@@ -171,25 +171,31 @@ def predict(
     runs_root: Annotated[Path, typer.Option("--runs", help="Where to look for the newest run.")] = Path(
         "runs"
     ),
-    as_json: Annotated[bool, typer.Option("--json", help="Machine-readable rows.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", metavar="FILE", help="Also write the rows to this CSV file.")
+    ] = None,
+    device: Annotated[
+        str, typer.Option(help="auto | cpu (ONNX Runtime) | cuda | cuda:N | mps (PyTorch)")
+    ] = "auto",
 ) -> None:
-    """Classify images with a run's model (ImageNet labels when there is no run).
+    """Classify images with a run's model (ImageNet labels when there is no run); rows as they come.
 
-    Example: finetune predict img.jpg photos/ --top-k 3
+    Example: finetune predict img.jpg photos/ --top-k 3 --csv predictions.csv
     """
-    from finetune.app.predict import predict as predict_images
+    from finetune.app.predict import stream
 
-    result = predict_images(paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root)
-    if as_json:
-        _echo_json({"source": result.source, "score_kind": result.score_kind, "rows": result.rows})
-        return
-    typer.echo(f"model: {result.source}")
+    result = stream(
+        paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root, device=device, csv_file=csv_file
+    )
     for row in result.rows:
-        if "error" in row:
+        if as_json:
+            typer.echo(json.dumps(row))
+        elif "error" in row:
             typer.echo(f"{printable(row['path'])}: skipped ({row['error']})")
-            continue
-        tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
-        typer.echo(f"{printable(row['path'])}: {tops}")
+        else:
+            tops = ", ".join(f"{t['label']} ({result.score_kind} {t['score']:.3f})" for t in row["top"])
+            typer.echo(f"{printable(row['path'])}: {tops}")
 
 
 # --------------------------------------------------------------------------- demo
