@@ -353,3 +353,19 @@ def test_export_formats_print_no_torch_warning_and_match_the_run(trained, tmp_pa
     assert res.exit_code == 0 and res.output.strip().startswith("wrote"), res.output
     sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
     np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_goes_through_torch_and_agrees_with_the_cpu_engine(trained):
+    """`--device cuda`: PyTorch on the GPU (convolutions may use TF32, hence the looser tolerance)."""
+    import finetune
+
+    if not torch.cuda.is_available():
+        pytest.skip("no CUDA device")
+    run, files = trained
+    cpu = finetune.predict(run, files, top_k=1)
+    gpu = finetune.predict(run, files, top_k=1, device="cuda")
+    assert [r["label"] for r in gpu] == [r["label"] for r in cpu]
+    np.testing.assert_allclose([r["score"] for r in gpu], [r["score"] for r in cpu], atol=5e-3)
+    heavy, done = _heavy_modules(["predict", files[0], "--run", run, "--device", "cuda", "--json"])
+    assert done.returncode == 0 and "torch" in heavy, done.stderr
