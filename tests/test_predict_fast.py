@@ -333,26 +333,25 @@ def test_a_progress_bar_on_many_files(trained, monkeypatch):
     assert few.exit_code == 0 and "predicting" not in few.stderr
 
 
-def test_export_formats_print_no_torch_warning_and_match_the_run(trained, tmp_path):
-    import onnxruntime as ort
+def test_export_pt2_says_nothing_of_torchs_and_leaves_no_temporary_file(trained, tmp_path):
+    """torch warns (through its own logger, to the terminal) about a pt2 file not named *.pt2.
 
-    from finetune.app.runfolder import load_run
+    What the exported files compute is tested in tests/test_choose.py.
+    """
+    import logging
 
     run, _ = trained
-    model, _, _ = load_run(run)
-    x = torch.randn(3, 3, 64, 64)
-    with torch.inference_mode():
-        ref = model(x).numpy()
-    res = invoke("export", run, "--format", "pt2", "-o", tmp_path / "m.pt2")
+    said: list[str] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("torch.export").addHandler(catch)
+    try:
+        res = invoke("export", run, "--format", "pt2", "-o", tmp_path / "m.pt2")
+    finally:
+        logging.getLogger("torch.export").removeHandler(catch)
     assert res.exit_code == 0 and res.output.strip().startswith("wrote"), res.output
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2"]  # no temporary file left
-    with torch.inference_mode():
-        got = torch.export.load(str(tmp_path / "m.pt2")).module()(x).numpy()
-    np.testing.assert_allclose(got, ref, atol=1e-5)
-    res = invoke("export", run, "--format", "onnx", "-o", tmp_path / "m.onnx")
-    assert res.exit_code == 0 and res.output.strip().startswith("wrote"), res.output
-    sess = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
-    np.testing.assert_allclose(sess.run(None, {"images": x.numpy()})[0], ref, atol=1e-4)
+    assert said == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.json", "m.pt2"]
 
 
 @pytest.mark.gpu

@@ -193,7 +193,9 @@ def open_predictor(
     check_device(device)
     newest = latest_run(runs_root)
     if newest is None:
+        predictor = open_imagenet(device, f"no run found under {runs_root}")
         log.info(f"model: ImageNet-1k labels of the packaged backbone (no run found under {runs_root})")
-        return open_imagenet(device, f"no run found under {runs_root}")
+        return predictor
+    predictor = open_run(newest, device)  # a broken newest run is one error line, nothing before it
     log.info(f"model: {newest} (the newest run under {runs_root})")
-    return open_run(newest, device)
+    return predictor
