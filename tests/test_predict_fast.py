@@ -368,3 +368,20 @@ def test_cuda_goes_through_torch_and_agrees_with_the_cpu_engine(trained):
     np.testing.assert_allclose([r["score"] for r in gpu], [r["score"] for r in cpu], atol=5e-3)
     heavy, done = _heavy_modules(["predict", files[0], "--run", run, "--device", "cuda", "--json"])
     assert done.returncode == 0 and "torch" in heavy, done.stderr
+
+
+def test_a_network_the_exporter_cannot_write_is_predicted_with_pytorch(make_folder, tmp_path, caplog):
+    """LeNet-5 at 32 px pools adaptively by a non-integer factor, which the ONNX exporter refuses."""
+    import finetune
+
+    data = make_folder({"red": 4, "blue": 4}, size=32)
+    res = invoke("run", data, "--backbone", "lenet5", "--out", tmp_path / "runs", "--set", "image_size=32")
+    assert res.exit_code == 0, res.output
+    (run,) = (tmp_path / "runs").iterdir()
+    files = sorted(data.rglob("*.png"))
+    with caplog.at_level("WARNING", logger="finetune"):
+        rows = finetune.predict(run, files, top_k=2)
+    assert "predicting with PyTorch" in caplog.text and not (run / "engine.onnx").exists()
+    ref, names = _torch_probabilities(run, files)
+    assert [r["label"] for r in rows] == [names[i] for i in ref.argmax(1)]
+    np.testing.assert_allclose([r["score"] for r in rows], ref.max(1), atol=1e-6)
