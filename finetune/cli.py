@@ -304,35 +304,44 @@ def predict(
     runs_root: Annotated[
         Path, typer.Option("--runs", metavar="FOLDER", help="Where to look for the newest run.")
     ] = Path("runs"),
-    as_json: JsonOpt = False,
+    as_json: Annotated[bool, typer.Option("--json", help="One JSON object per image and line.")] = False,
+    csv_file: Annotated[
+        Path | None, typer.Option("--csv", metavar="FILE", help="Also write the rows to this CSV file.")
+    ] = None,
+    device: DeviceOpt = "auto",
 ) -> None:
     """Classify images with a run's model.
 
-    The newest run under --runs unless --run says which; ImageNet labels when there is none.
+    The newest run under --runs unless --run says which; ImageNet labels when there is none. Rows
+    are printed (and written to --csv) as they come; on CPU the run's model runs on ONNX Runtime
+    without importing PyTorch (--device cuda uses PyTorch).
 
-    Example: finetune predict img.jpg photos/ --top-k 3
+    Example: finetune predict img.jpg photos/ --top-k 3 --csv predictions.csv
     """
-    from finetune.app.predict import predict as predict_images
+    from finetune.app.predict import stream
 
-    result = predict_images(paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root)
+    result = stream(
+        paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root, device=device, csv_file=csv_file
+    )
     if as_json:
-        _echo_json({"source": result.source, "score_kind": result.score_kind, "rows": result.rows})
+        for row in result.rows:
+            typer.echo(json.dumps(row))
         return
-    typer.echo(f"model: {printable(str(result.source))}")
-    k = max((len(r.get("top", [])) for r in result.rows), default=1)
-    header = ["image"]
-    for rank in range(1, k + 1):
-        header += [f"class {rank}" if k > 1 else "class", result.score_kind]
-    lines = []
-    for row in (r for r in result.rows if "error" not in r):
-        cells = [row["path"]]
-        for t in row["top"]:
-            cells += [t["label"], f"{t['score']:.3f}"]
-        lines.append(cells + [""] * (len(header) - len(cells)))
-    if lines:
-        typer.echo(text_table(header, lines, right=range(2, 2 * k + 1, 2)))
-    for row in (r for r in result.rows if "error" in r):
-        typer.echo(f"skipped {printable(row['path'])}: {row['error']}")
+    # One aligned line per image, printed as it comes: every column before the path has a width
+    # known up front (the longest class name, the score), so a million files never wait in memory.
+    k = max(1, min(top_k, len(result.class_names)))
+    name_w = max([len(printable(n)) for n in result.class_names] + [7])
+    score_w = len(result.score_kind)
+    cells = [(f"class {r}" if k > 1 else "class", result.score_kind) for r in range(1, k + 1)]
+    head = "  ".join(f"{c:<{name_w}}  {s:>{score_w}}" for c, s in cells) + "  image"
+    typer.echo(head)
+    typer.echo("─" * len(head))
+    for row in result.rows:
+        if "error" in row:
+            typer.echo(f"skipped {printable(row['path'])}: {row['error']}", err=True)
+            continue
+        tops = "  ".join(f"{printable(t['label']):<{name_w}}  {t['score']:>{score_w}.3f}" for t in row["top"])
+        typer.echo(f"{tops}  {printable(row['path'])}")
 
 
 # --------------------------------------------------------------------------- demo

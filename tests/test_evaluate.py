@@ -228,7 +228,7 @@ def test_evaluate_agrees_with_predict(trained, tmp_path):
     rows = {r["path"]: r for r in json.loads((tmp_path / "ev" / "predictions.json").read_text())}
     pred = invoke("predict", hold, "--run", run, "--json")
     assert pred.exit_code == 0, pred.output
-    for row in json.loads(pred.stdout)["rows"]:
+    for row in map(json.loads, pred.stdout.splitlines()):  # one JSON object per image
         mine = rows[Path(row["path"]).relative_to(hold).as_posix()]
         assert mine["pred"] == row["label"]
         assert mine["score"] == pytest.approx(row["score"], abs=0.02)

@@ -1,11 +1,11 @@
-"""The one preprocessing path (torchvision decode, tensor resize) against Pillow, on real images.
+"""The one preprocessing path (fast decode, Pillow resize) against the PIL eval pipeline, on real images.
 
 Reference, written here with torchvision's PIL transforms: Pillow decode (`load_rgb`), the same
 aspect guard, PIL resize, center crop, ToTensor, Normalize. Real images: crops of sklearn's two
 sample photos written as JPEG and PNG at many sizes and aspect ratios, and sklearn's handwritten
 digits as small gray PNGs.
-Goals (issue 8): mean |difference| <= 0.01 after normalization, and the default backbone's
-top-1 ImageNet class equal on >= 99% of the images.
+Goals: the same pixels (differences of float rounding only, <= 1e-5 after normalization), so the
+default backbone's top-1 ImageNet class is equal on every image.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from PIL import Image
 from finetune.data.decode import DECODERS, decode, load_rgb, read_header, takes_fast_path
 from finetune.data.index import DatasetIndex
 from finetune.data.loader import ImageDataset, make_loader
-from finetune.data.transforms import EvalTransform, Preprocessing, eval_reader, guard_aspect
+from finetune.data.transforms import EvalTransform, Preprocessing, eval_reader, guard_box
 
 LITE0 = Preprocessing(224, 0.875, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")  # tf_efficientnet_lite0's
 IMAGENET_BILINEAR = Preprocessing(224, 0.875, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225), "bilinear")
@@ -92,8 +92,13 @@ def fast_eval_transform(pre: Preprocessing):
     return eval_reader(pre, "fast")
 
 
+PADDED = Preprocessing(64, 1.15, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), "bicubic")  # crop > resized: zero pad
+
+
 @pytest.mark.parametrize(
-    "pre", [LITE0, IMAGENET_BILINEAR, LITE0.with_size(64)], ids=["lite0", "bilinear", "64px"]
+    "pre",
+    [LITE0, IMAGENET_BILINEAR, LITE0.with_size(64), PADDED],
+    ids=["lite0", "bilinear", "64px", "padded"],
 )
 def test_fast_tensors_match_the_pillow_reference(pre, real_images):
     fast = fast_eval_transform(pre)
@@ -101,9 +106,10 @@ def test_fast_tensors_match_the_pillow_reference(pre, real_images):
     for path in real_images:
         a, b = reference(pre, path), fast(path)
         assert a.shape == b.shape == (3, pre.input_size, pre.input_size), path.name
-        diffs.append(float((a - b).abs().mean()))
+        diffs.append(float((a - b).abs().max()))
     worst = int(np.argmax(diffs))
-    assert diffs[worst] <= 0.01, (real_images[worst].name, diffs[worst])
+    # one grey level is 1 / (255 std) >= 0.0078 here: anything above float rounding is a real pixel
+    assert diffs[worst] <= 1e-5, (real_images[worst].name, diffs[worst])
 
 
 def test_same_top1_of_the_default_backbone(real_images):
@@ -121,22 +127,21 @@ def test_same_top1_of_the_default_backbone(real_images):
     with torch.inference_mode():
         ref = model(x_ref).argmax(1)  # (N,)
         got = model(x_fast).argmax(1)  # (N,)
-    agree = float((ref == got).float().mean())
-    assert agree >= 0.99, agree
+    assert torch.equal(ref, got)
     assert len(set(ref.tolist())) > 5  # a varied set, not one class everywhere
 
 
 def test_plain_files_decode_to_pillows_pixels(real_images):
-    """PNG: identical. JPEG: both use libjpeg-turbo's default IDCT; allow a level of rounding."""
-    for path in real_images[:12] + real_images[-3:]:
+    """JPEG and PNG: torchvision and Pillow (both libjpeg-turbo / libpng) give identical pixels.
+
+    The torch-free predict path decodes with Pillow and relies on this (tests/test_predict_fast.py
+    adds progressive, 4:4:4 and EXIF-rotated JPEGs).
+    """
+    for path in real_images:
         assert takes_fast_path(read_header(path)), path.name
-        a = np.asarray(load_rgb(path)).astype(int)  # (H, W, 3)
-        b = decode(path).permute(1, 2, 0).numpy().astype(int)  # (H, W, 3)
-        assert a.shape == b.shape
-        if path.suffix == ".png":
-            assert (a == b).all(), path.name
-        else:
-            assert np.abs(a - b).max() <= 2 and np.abs(a - b).mean() < 0.1, path.name
+        a = np.asarray(load_rgb(path))  # (H, W, 3)
+        b = decode(path).permute(1, 2, 0).numpy()  # (H, W, 3)
+        assert a.shape == b.shape and (a == b).all(), path.name
 
 
 def _write(path: Path, im: Image.Image, fmt: str, **kw) -> Path:
@@ -184,16 +189,16 @@ def test_a_file_torchvision_refuses_falls_back_to_pillow(tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("size", [(900, 100), (100, 900), (301, 100), (300, 100)])
-def test_guard_aspect_cuts_like_the_pil_guard(size):
+def test_guard_box_cuts_like_the_pil_guard(size):
     """The crop box of the aspect guard (long side cut to 3x short, centered), here by hand."""
     w, h = size
-    arr = np.arange(w * h * 3, dtype=np.int64).reshape(h, w, 3) % 251  # (H, W, 3), every pixel distinct-ish
-    out = guard_aspect(torch.from_numpy(arr).permute(2, 0, 1)).permute(1, 2, 0).numpy()
     short, long = min(w, h), max(w, h)
     keep = long if long <= 3 * short else 3 * short
     off = (long - keep) // 2
-    expected = arr[:, off : off + keep] if w >= h else arr[off : off + keep, :]
-    assert (out == expected).all()
+    expected = (off, 0, off + keep, h) if w >= h else (0, off, w, off + keep)
+    assert guard_box(w, h) == expected
+    im = Image.new("RGB", size)
+    assert pil_guard(im).size == (expected[2] - expected[0], expected[3] - expected[1])
 
 
 def test_fast_reader_works_in_decode_worker_processes(tmp_path):

@@ -22,7 +22,7 @@ def test_packaged_lite0_knows_imagenet():
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    from finetune.app.predict import imagenet_class_names
+    from finetune.app.predictor import imagenet_class_names
     from finetune.data.transforms import EvalTransform
     from finetune.models.backbone import build
 
@@ -60,9 +60,9 @@ def test_run_writes_a_complete_run_folder_and_predict_reproduces_it(make_folder,
     preds = {p["path"]: p for p in json.loads((run / "predictions.json").read_text())}
     res = invoke("predict", data, "--run", run, "--json")
     assert res.exit_code == 0, res.output
-    out = json.loads(res.output)
-    rows = {str(Path(r["path"]).relative_to(data).as_posix()): r for r in out["rows"]}
-    assert out["source"] == str(run) and out["score_kind"] == "probability"
+    lines = [json.loads(line) for line in res.stdout.splitlines()]  # one JSON object per image
+    rows = {str(Path(r["path"]).relative_to(data).as_posix()): r for r in lines}
+    assert len(rows) == len(lines) == 18
     for path, p in preds.items():
         assert rows[path]["label"] == p["pred"]
         assert abs(rows[path]["score"] - p["score"]) < 1e-4
@@ -95,7 +95,9 @@ def test_svm_head_predicts_scores_not_probabilities(make_folder, runs_dir):
     data = make_folder({"a": 4, "b": 4})
     assert invoke("run", data, "--out", runs_dir, "--head", "svm", *SMALL).exit_code == 0
     res = invoke("predict", data / "a", "--runs", runs_dir)
-    assert res.exit_code == 0 and "class  score" in res.output and "probability" not in res.output
+    assert res.exit_code == 0, res.output
+    header = res.stdout.splitlines()[0].split()
+    assert header == ["class", "score", "image"] and "probability" not in res.output
 
 
 def test_unreadable_files_are_skipped_and_reported(make_folder, runs_dir):

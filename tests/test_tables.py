@@ -174,18 +174,20 @@ def test_runs_is_a_table_with_aligned_accuracy(two_runs):
 
 
 def test_predict_top_k_is_one_aligned_line_per_image(two_runs):
+    """Streamed lines: every column before the path has a width known up front, so they align."""
     run = sorted((two_runs / "runs").iterdir())[-1]
     images = sorted((two_runs / "data" / "red").iterdir())[:3]
     res = invoke("predict", *images, "--run", run, "--top-k", "2")
     assert res.exit_code == 0, res.output
-    header, body = table_lines(res.stdout, "image")
-    assert columns(header) == ["image", "class 1", "probability", "class 2", "probability"]
-    assert [columns(ln)[0] for ln in body] == [str(p) for p in images]
+    header, body = table_lines(res.stdout, "class 1")
+    assert columns(header) == ["class 1", "probability", "class 2", "probability", "image"]
+    assert [columns(ln)[-1] for ln in body] == [str(p) for p in images]
     for ln in body:
         cells = columns(ln)
-        assert cells[1] in CLASSES and cells[3] in CLASSES and cells[1] != cells[3]
-        assert 1 >= float(cells[2]) >= float(cells[4]) >= 0
-    assert aligned([header, *body], 2, right=True) and aligned([header, *body], 3, right=False)
+        assert cells[0] in CLASSES and cells[2] in CLASSES and cells[0] != cells[2]
+        assert 1 >= float(cells[1]) >= float(cells[3]) >= 0
+    for i, right in ((0, False), (1, True), (2, False), (3, True), (4, False)):
+        assert aligned([header, *body], i, right)
 
 
 def test_cache_info_tells_feature_sets_apart_and_clear_says_what_it_keeps(two_runs, monkeypatch):

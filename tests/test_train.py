@@ -320,10 +320,10 @@ def test_a_finetuned_run_is_used_by_predict_like_a_probe(make_folder, tmp_path):
     saved = {p["path"]: p for p in json.loads((res.run_dir / "predictions.json").read_text())}
     out = runner.invoke(app, ["predict", str(data), "--run", str(res.run_dir), "--json"])
     assert out.exit_code == 0, out.output
-    rows = json.loads(out.output)
-    assert rows["score_kind"] == "probability"
+    rows = [json.loads(line) for line in out.stdout.splitlines()]  # one JSON object per image
+    assert all(0 <= r["score"] <= 1 for r in rows)  # softmax probabilities
     checked = 0
-    for r in rows["rows"]:
+    for r in rows:
         rel = Path(r["path"]).relative_to(data).as_posix()
         if rel in saved:
             assert r["top"][0]["label"] == saved[rel]["pred"]

@@ -3,16 +3,15 @@
     path = export_run("runs/2026...-lite0-linear-probe", fmt="onnx")   # model.onnx + model.json
     path = export_run(run_dir, fmt="pt2")                               # model.pt2 (torch.export)
 
-ONNX goes through the current exporter (`torch.onnx.export(..., dynamo=True)`, which needs the
-`onnx` and `onnxscript` packages: `pip install -e ".[export]"`); `pt2` is `torch.export`. The JSON
-says how to feed the model: input size, resize/crop, mean/std, class names, and whether the
-outputs are logits (softmax them) or SVM scores.
+ONNX is written by the tool's one exporter (`features.engine.export_onnx`, the same file the
+feature engine and `finetune predict` run, checked against PyTorch before it is written); `pt2`
+is `torch.export`. The JSON says how to feed the model: input size, resize/crop, mean/std, class
+names, and whether the outputs are logits (softmax them) or SVM scores.
 """
 
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 
 from finetune.errors import RunError
@@ -20,10 +19,29 @@ from finetune.errors import RunError
 FORMATS = ("onnx", "pt2")
 
 
-def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
-    """Write the model file and `<name>.json`; returns the model file's path."""
+def _model_bytes(model, fmt: str, size: int) -> bytes:
+    """The model file's bytes (in memory: the target is written atomically, and torch.export never
+    sees a temporary name without the .pt2 suffix it warns about)."""
+    import io
+
     import torch
 
+    from finetune.features.engine import ExportError, export_onnx
+
+    if fmt == "onnx":
+        try:
+            return export_onnx(model, size, output_name="scores")
+        except ExportError as err:
+            raise RunError(str(err), "try --format pt2, or report the backbone") from None
+    batch = torch.export.Dim("batch", min=1, max=1024)
+    program = torch.export.export(model, (torch.zeros(2, 3, size, size),), dynamic_shapes=({0: batch},))
+    buf = io.BytesIO()
+    torch.export.save(program, buf)
+    return buf.getvalue()
+
+
+def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.PathLike | None = None) -> Path:
+    """Write the model file and `<name>.json`; returns the model file's path."""
     from finetune.app.runfolder import load_run, read_config
     from finetune.io import atomic_write, write_json
 
@@ -33,40 +51,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
     model, _, classes = load_run(run_dir)
     size = config.preprocessing.input_size
     target = Path(out) if out is not None else Path(run_dir) / "export" / f"model.{fmt}"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    example = torch.zeros(2, 3, size, size)
-    tmp = target.with_name(target.name + f".{os.getpid()}.partial")
-    try:
-        if fmt == "onnx":
-            try:
-                import onnx  # noqa: F401
-                import onnxscript  # noqa: F401
-            except ImportError:
-                raise RunError(
-                    "ONNX export needs the onnx and onnxscript packages",
-                    'install them with: pip install -e ".[export]"',
-                ) from None
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                batch = torch.export.Dim("batch", min=1, max=1024)
-                program = torch.onnx.export(
-                    model,
-                    (example,),
-                    dynamo=True,
-                    input_names=["images"],
-                    output_names=["scores"],
-                    dynamic_shapes=({0: batch},),
-                    external_data=False,
-                    verbose=False,
-                )
-                program.save(str(tmp))
-        else:
-            batch = torch.export.Dim("batch", min=1, max=1024)
-            program = torch.export.export(model, (example,), dynamic_shapes=({0: batch},))
-            torch.export.save(program, str(tmp))
-        data = tmp.read_bytes()
-    finally:
-        tmp.unlink(missing_ok=True)
+    data = _model_bytes(model, fmt, size)
     atomic_write(target, lambda fh: fh.write(data))
     write_json(
         target.with_suffix(".json"),

@@ -1,36 +1,48 @@
-"""Classify image files with a run's model, or with ImageNet labels when there is no run.
+"""Classify image files: paths in, one row per file out, in the files' order, as they come.
 
-result = predict(["img.jpg", "folder/"], run_dir=None, top_k=3)
-result.source            # "runs/2026...-lite0-linear-probe" or "ImageNet-1k (lite0, no run found)"
-result.rows[0]           # {"path": ..., "label": ..., "score": ..., "top": [...]}
+    result = stream(["img.jpg", "folder/"], run_dir=None, top_k=3, csv_file="out.csv")
+    result.source        # "runs/2026...-lite0-linear-probe" or "ImageNet-1k labels (lite0; ...)"
+    for row in result.rows:  # {"path", "label", "score", "top": [{"label", "score"}, ...]}
+        ...                   # or {"path", "error"} for a file that cannot be read
+    predict(paths, run_dir).rows         # the same rows in a list (a handful of files)
+    predict_rows(predictor, files)       # the loop itself: (predictor, paths) -> rows
+
+The classifier is `predictor.open_predictor`'s (ONNX Runtime on the run's cached export; torch
+only on request). Files are read by `data.transforms.ArrayReader` (Pillow and numpy: the numbers
+training and evaluation feed the network) in as many threads as there are cores, at most two
+batches ahead of the network, so a folder of a million files never sits in memory.
 """
 
 from __future__ import annotations
 
+import csv
+import logging
 import os
-from dataclasses import dataclass, field
-from importlib import resources
+from collections import deque
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
-import torch
+import numpy as np
 
+from finetune.app.predictor import Predictor, open_predictor
+from finetune.console import progress_bar
 from finetune.data.decode import ImageError, is_image_name
+from finetune.data.transforms import ArrayReader
 from finetune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prediction:
     source: str  # which model answered
     score_kind: str  # "probability" | "score"
-    rows: list[dict] = field(default_factory=list)
+    rows: Iterable[dict]  # a list from `predict`, rows as they come from `stream`
+    class_names: tuple[str, ...] = ()  # every class the model knows (for aligned columns)
 
 
-def imagenet_class_names() -> list[str]:
-    text = resources.files("finetune").joinpath("imagenet_classes.txt").read_text(encoding="utf-8")
-    return text.splitlines()
-
-
-def expand_paths(paths: list[str | os.PathLike]) -> list[Path]:
+def expand_paths(paths: Sequence[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded to their image files (recursively, sorted)."""
     out: list[Path] = []
     for p in map(Path, paths):
@@ -45,72 +57,142 @@ def expand_paths(paths: list[str | os.PathLike]) -> list[Path]:
     return out
 
 
-def _load_model(run_dir: str | os.PathLike | None, runs_root: str | os.PathLike):
-    """(model, read: path -> tensor, class names, source text, score kind).
+def _read_ahead(read: ArrayReader, files: Sequence[Path], workers: int, depth: int) -> Iterator:
+    """(path, (3, S, S) array or the reason it failed) for each file in order, read in `workers`
+    threads (Pillow and numpy release the GIL) and never more than `depth` files ahead."""
+    from concurrent.futures import ThreadPoolExecutor
 
-    Files are read by the same decoder as feature extraction (`data.eval_reader`), so a run's
-    own predictions and `predict` agree.
-    """
-    from finetune.app.runfolder import latest_run, load_run, read_config
-    from finetune.data.transforms import eval_reader
+    def one(path: Path) -> np.ndarray | str:
+        try:
+            return read(path)
+        except ImageError as err:
+            return err.reason
 
-    chosen = Path(run_dir) if run_dir is not None else latest_run(runs_root)
-    if chosen is not None:
-        model, _, names = load_run(chosen)
-        config = read_config(chosen)
-        kind = "probability" if config.probabilistic else "score"
-        return model, eval_reader(config.preprocessing), names, str(chosen), kind
-    from finetune.models.backbone import build
-    from finetune.models.catalogue import DEFAULT_BACKBONE
-
-    bb = build(DEFAULT_BACKBONE)
-    return (
-        bb.model,
-        eval_reader(bb.preprocessing),
-        imagenet_class_names(),
-        f"ImageNet-1k labels ({DEFAULT_BACKBONE}; no run found under {runs_root})",
-        "probability",
-    )
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        pending: deque = deque()
+        for path in files:
+            pending.append((path, pool.submit(one, path)))
+            if len(pending) >= depth:
+                done, fut = pending.popleft()
+                yield done, fut.result()
+        while pending:
+            done, fut = pending.popleft()
+            yield done, fut.result()
 
 
-@torch.inference_mode()
+def _rows(predictor: Predictor, batch: list, k: int) -> list[dict]:
+    """One row per (path, array | reason) of `batch`, in order; the arrays in one forward."""
+    good = [x for _, x in batch if not isinstance(x, str)]
+    scores = predictor.scores(np.stack(good)) if good else np.zeros((0, 0), np.float32)  # (B, K)
+    top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (B, k)
+    names = predictor.class_names
+    rows, g = [], 0
+    for path, x in batch:
+        if isinstance(x, str):
+            rows.append({"path": str(path), "error": x})
+            continue
+        best = [{"label": names[i], "score": float(scores[g, i])} for i in top[g]]
+        rows.append({"path": str(path), "label": best[0]["label"], "score": best[0]["score"], "top": best})
+        g += 1
+    return rows
+
+
+def predict_rows(
+    predictor: Predictor,
+    files: Sequence[Path],
+    top_k: int = 1,
+    batch_size: int = 32,
+    workers: int | None = None,
+) -> Iterator[dict]:
+    """Top-k classes of each file, one row per file as it comes; unreadable files get an `error` row."""
+    from finetune.data.loader import default_workers
+
+    read = ArrayReader(predictor.preprocessing)
+    k = max(1, min(top_k, len(predictor.class_names)))
+    workers = default_workers() if workers is None else workers
+    shown = len(files) if len(files) > batch_size else 0  # a bar only when there are many
+    with progress_bar("predicting", total=shown, unit="img") as bar:
+        batch: list = []
+        for item in _read_ahead(read, files, workers, depth=2 * batch_size):
+            batch.append(item)
+            if len(batch) == batch_size:
+                yield from _rows(predictor, batch, k)
+                bar.advance(len(batch))
+                batch = []
+        if batch:
+            yield from _rows(predictor, batch, k)
+            bar.advance(len(batch))
+
+
+class CsvRows:
+    """Rows to a CSV file as they come: path, label, score (then label_2, score_2, ... for top-k), error."""
+
+    def __init__(self, path: str | os.PathLike, top_k: int) -> None:
+        try:
+            self.fh = open(path, "w", newline="", encoding="utf-8")  # noqa: SIM115 — closed by close()
+        except OSError as err:
+            raise DataError(f"cannot write {path} ({err.strerror})", "give --csv a writable place") from None
+        self.writer = csv.writer(self.fh)
+        extra = [c for n in range(2, top_k + 1) for c in (f"label_{n}", f"score_{n}")]
+        self.writer.writerow(["path", "label", "score", *extra, "error"])
+        self.top_k = top_k
+
+    def write(self, row: dict) -> None:
+        if "error" in row:
+            self.writer.writerow([row["path"], *[""] * (2 * self.top_k), row["error"]])
+            return
+        cells = [c for t in row["top"] for c in (t["label"], f"{t['score']:.6g}")]
+        cells += [""] * (2 * self.top_k - len(cells))
+        self.writer.writerow([row["path"], *cells, ""])
+
+    def close(self) -> None:
+        self.fh.close()
+
+
+def stream(
+    paths: Sequence[str | os.PathLike],
+    run_dir: str | os.PathLike | None = None,
+    top_k: int = 1,
+    runs_root: str | os.PathLike = "runs",
+    device: str = "auto",
+    csv_file: str | os.PathLike | None = None,
+    batch_size: int = 32,
+) -> Prediction:
+    """`finetune predict`: rows as they come (also to `csv_file`); a DataError after the last row
+    when no file at all could be classified."""
+    files = expand_paths(paths)
+    predictor = open_predictor(run_dir, runs_root, device)
+    writer = CsvRows(csv_file, max(1, min(top_k, len(predictor.class_names)))) if csv_file else None
+
+    def rows() -> Iterator[dict]:
+        classified = 0
+        try:
+            for row in predict_rows(predictor, files, top_k, batch_size):
+                classified += "error" not in row
+                if writer is not None:
+                    writer.write(row)
+                yield row
+        finally:
+            if writer is not None:
+                writer.close()
+        if classified == 0:
+            raise DataError(
+                f"none of the {len(files)} file(s) could be classified", "see the reasons above each path"
+            )
+
+    return Prediction(predictor.source, predictor.score_kind, rows(), predictor.class_names)
+
+
 def predict(
-    paths: list[str | os.PathLike],
+    paths: Sequence[str | os.PathLike],
     run_dir: str | os.PathLike | None = None,
     top_k: int = 1,
     runs_root: str | os.PathLike = "runs",
     batch_size: int = 32,
+    device: str = "auto",
 ) -> Prediction:
-    """Top-k classes of each image; unreadable files get a row with an `error` instead."""
+    """Top-k classes of each image, all rows in a list; unreadable files get a row with an `error`."""
     files = expand_paths(paths)
-    model, read, names, source, kind = _load_model(run_dir, runs_root)
-    model = model.eval().to(memory_format=torch.channels_last)
-    result = Prediction(source=source, score_kind=kind)
-    k = max(1, min(top_k, len(names)))
-    for start in range(0, len(files), batch_size):
-        chunk = files[start : start + batch_size]
-        tensors, good = [], []
-        for path in chunk:
-            try:
-                tensors.append(read(path))
-                good.append(path)
-            except ImageError as err:
-                result.rows.append({"path": str(path), "error": err.reason})
-        if not tensors:
-            continue
-        x = torch.stack(tensors).contiguous(memory_format=torch.channels_last)  # (B, 3, H, W)
-        out = model(x)  # (B, K)
-        scores = torch.softmax(out, dim=1) if kind == "probability" else out
-        top = torch.topk(scores, k, dim=1)
-        for path, vals, idxs in zip(good, top.values.tolist(), top.indices.tolist()):
-            result.rows.append(
-                {
-                    "path": str(path),
-                    "label": names[idxs[0]],
-                    "score": float(vals[0]),
-                    "top": [{"label": names[i], "score": float(v)} for v, i in zip(vals, idxs)],
-                }
-            )
-    order = {str(p): n for n, p in enumerate(files)}
-    result.rows.sort(key=lambda r: order[r["path"]])
-    return result
+    predictor = open_predictor(run_dir, runs_root, device)
+    rows = list(predict_rows(predictor, files, top_k, batch_size))
+    return Prediction(predictor.source, predictor.score_kind, rows, predictor.class_names)

@@ -4,13 +4,22 @@
     read = eval_reader(pre)            # path -> normalized (3, S, S) float32 tensor
     read = train_reader(pre)           # path -> randomly cropped and flipped (3, S, S) tensor
     EvalTransform(pre)(pil_image)      # the same pixels from an image already in memory
+    eval_array(pre, load_rgb(path))    # the same numbers as a numpy array, torch never imported
 
 Every reader decodes with `decode.get_decoder()` (torchvision for plain JPEG/PNG, Pillow for
-the rest, or Pillow for all with FINETUNE_DECODER=pil) into a (3, H, W) uint8 tensor, and every
-transform works on that tensor: so a model is validated on exactly the inputs it is later used
-on. Resizing is `torchvision.transforms.v2.functional.resize(..., antialias=True)`: its
-antialiased bicubic kernel is Pillow's, so the inputs agree with a Pillow resize of the same
-image to about one grey level (tests/test_fastio.py holds them to it).
+the rest, or Pillow for all with FINETUNE_DECODER=pil; both give the same pixels for JPEG/PNG,
+tests/test_predict_fast.py), and every transform works on uint8 RGB with Pillow: the aspect
+guard, one `resize` (Pillow's `Image.resize`), the crop, then `Normalize` in numpy. So a model is
+validated on exactly the inputs it is later used on, `finetune predict` computes those same
+inputs without torch, and they are bit for bit those of timm's and torchvision's PIL eval
+pipeline (tests/test_fastio.py).
+
+Why Pillow rather than torchvision's tensor resize: the torch-free predict path has only numpy
+and Pillow, and torchvision's antialiased uint8 kernels differ from Pillow's by 1-2 grey levels
+on ~0.4% of pixels, which moves ImageNet probabilities by up to 6e-3. The cost: a photo crop
+resizes in ~2.3 ms instead of ~0.8 ms (one thread), in the decode workers, beside the forward.
+(Pillow's `resize(box=...)` of the cropped region alone is 3x faster but differs from resize-then-
+crop by up to 7 grey levels on 20% of pixels of some images, so it is not used.)
 """
 
 from __future__ import annotations
@@ -20,7 +29,10 @@ import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from finetune.data.decode import get_decoder, pil_to_tensor
+import numpy as np
+from PIL import Image
+
+from finetune.data.decode import get_decoder, load_rgb, to_rgb
 
 if TYPE_CHECKING:
     import torch
@@ -75,10 +87,8 @@ class Preprocessing:
                 raise ValueError(f"{key} must be three numbers (R, G, B), got {v!r}")
         if not all(x > 0 for x in d["std"]):
             raise ValueError(f"std must be positive, got {d['std']!r}")
-        if d["interpolation"] not in INTERPOLATIONS:
-            raise ValueError(
-                f"interpolation must be one of {', '.join(INTERPOLATIONS)}, got {d['interpolation']!r}"
-            )
+        if d["interpolation"] not in FILTERS:
+            raise ValueError(f"interpolation must be one of {', '.join(FILTERS)}, got {d['interpolation']!r}")
         return cls(
             size,
             float(crop),
@@ -88,99 +98,160 @@ class Preprocessing:
         )
 
 
-INTERPOLATIONS = ("bicubic", "bilinear", "nearest", "nearest-exact")  # what a tensor resize can do
-
-
 def _number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
-def guard_aspect(x: torch.Tensor) -> torch.Tensor:
-    """Center-cut the long side of a (C, H, W) image to MAX_ASPECT x its short side, if longer.
+# Pillow's resampling filters by the names weight metadata uses (timm, torchvision).
+FILTERS: dict[str, int] = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
+}
 
-    A 1 x 50000 strip would otherwise be resized to a huge tensor; the cut keeps every pixel
+
+def resample_filter(name: str) -> int:
+    """Pillow's filter for an interpolation name; a DataError naming the valid ones otherwise."""
+    if name not in FILTERS:
+        from finetune.errors import DataError
+
+        raise DataError(f"unknown interpolation {name!r}", f"use one of: {', '.join(FILTERS)}")
+    return FILTERS[name]
+
+
+def guard_box(width: int, height: int) -> tuple[int, int, int, int]:
+    """The region (left, top, right, bottom) kept of a W x H image: the long side cut to MAX_ASPECT x
+    the short one, centered.
+
+    A 1 x 50000 strip would otherwise be resized to a huge image; the cut keeps every pixel
     the later center crop can see.
     """
-    h, w = x.shape[-2:]
-    short, long = min(w, h), max(w, h)
+    short, long = min(width, height), max(width, height)
     if long <= MAX_ASPECT * short:
-        return x
+        return 0, 0, width, height
     keep = MAX_ASPECT * short
-    if w > h:
-        left = (w - keep) // 2
-        return x[..., :, left : left + keep]
-    top = (h - keep) // 2
-    return x[..., top : top + keep, :]
+    if width > height:
+        left = (width - keep) // 2
+        return left, 0, left + keep, height
+    top = (height - keep) // 2
+    return 0, top, width, top + keep
 
 
-class _Normalize:
-    """uint8 (3, H, W) -> float32 (x / 255 - mean) / std, as one multiply-add: x * scale - shift."""
+def guard(im: Image.Image) -> Image.Image:
+    """`im` cut to `guard_box` (the same image when nothing is cut)."""
+    box = guard_box(*im.size)
+    return im if box == (0, 0, *im.size) else im.crop(box)
+
+
+def resize(im: Image.Image, size: tuple[int, int], interpolation: str) -> Image.Image:
+    """The one resize: Pillow's `Image.resize` of an RGB image to (W, H) with the named filter.
+
+    Antialiased when shrinking; exactly what timm's and torchvision's PIL eval pipelines compute.
+    """
+    return im.resize(size, resample_filter(interpolation))
+
+
+def shorter_side_size(width: int, height: int, short: int) -> tuple[int, int]:
+    """(W, H) with the shorter side `short` and the longer one truncated, as torchvision's resize."""
+    if width <= height:
+        return short, int(short * height / width)
+    return int(short * width / height), short
+
+
+def center_crop(im: Image.Image, size: int) -> Image.Image:
+    """The centered size x size region (offsets rounded as torchvision's center_crop); a crop larger
+    than the image is zero-padded, as torchvision pads."""
+
+    def start(side: int) -> int:
+        return int(round((side - size) / 2.0)) if side >= size else -((size - side) // 2)
+
+    left, top = start(im.width), start(im.height)
+    return im.crop((left, top, left + size, top + size))
+
+
+class Normalize:
+    """uint8 (S, S, 3) RGB -> float32 (3, S, S): (x / 255 - mean) / std as x * scale - shift."""
 
     def __init__(self, pre: Preprocessing) -> None:
-        import torch
+        std = np.asarray(pre.std, dtype=np.float32)
+        mean = np.asarray(pre.mean, dtype=np.float32)
+        self.scale = (np.float32(1.0) / (np.float32(255.0) * std)).reshape(3, 1, 1)  # (3, 1, 1)
+        self.shift = (mean / std).reshape(3, 1, 1)  # (3, 1, 1)
 
-        std = torch.tensor(pre.std, dtype=torch.float32).view(3, 1, 1)
-        mean = torch.tensor(pre.mean, dtype=torch.float32).view(3, 1, 1)
-        self.scale = 1.0 / (255.0 * std)  # (3, 1, 1)
-        self.shift = mean / std  # (3, 1, 1)
+    def __call__(self, im: Image.Image) -> np.ndarray:
+        x = np.asarray(im).transpose(2, 0, 1).astype(np.float32, order="C")  # (3, S, S)
+        x *= self.scale
+        x -= self.shift
+        return x
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        import torch
 
-        return x.to(torch.float32).mul_(self.scale).sub_(self.shift)
+def as_image(x: Any) -> Image.Image:
+    """A decoder's (3, H, W) uint8 tensor or array, or any PIL image, as an RGB PIL image."""
+    if isinstance(x, Image.Image):
+        return to_rgb(x)
+    arr = np.asarray(x)  # a CPU tensor converts without a copy
+    if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[0] != 3:
+        raise TypeError(f"expected a PIL image or a (3, H, W) uint8 array, got {arr.dtype} {arr.shape}")
+    return Image.fromarray(np.ascontiguousarray(arr.transpose(1, 2, 0)), mode="RGB")  # (H, W, 3)
 
 
 class EvalTransform:
-    """Pixels -> normalized (3, S, S) float32: resize the shorter side, center crop, normalize.
+    """Pixels -> normalized (3, S, S) float32: aspect guard, shorter side resized, center crop, normalize.
 
-    Takes a (3, H, W) uint8 tensor, or a PIL image (converted to RGB with the decoder's rules).
+    Takes a decoder's (3, H, W) uint8 tensor, or a PIL image (converted to RGB with the decoder's
+    rules). `array(x)` gives the numbers as numpy (no torch), calling it gives a tensor.
     A class rather than a closure so DataLoader workers can receive it under any start method.
     """
 
     def __init__(self, pre: Preprocessing) -> None:
+        resample_filter(pre.interpolation)  # an unknown name fails here, not on every image
         self.pre = pre
-        self.normalize = _Normalize(pre)
+        self.normalize = Normalize(pre)
+
+    def array(self, x: Any) -> np.ndarray:
+        pre = self.pre
+        im = guard(as_image(x))
+        im = resize(im, shorter_side_size(*im.size, pre.resize_size), pre.interpolation)
+        return self.normalize(center_crop(im, pre.input_size))
 
     def __call__(self, x: Any) -> torch.Tensor:
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2 import functional as F
+        import torch
 
-        if not hasattr(x, "shape"):
-            x = pil_to_tensor(x)  # PIL image -> (3, H, W) uint8
-        pre = self.pre
-        x = guard_aspect(x)
-        x = F.resize(x, [pre.resize_size], interpolation=InterpolationMode(pre.interpolation), antialias=True)
-        x = F.center_crop(x, [pre.input_size, pre.input_size])  # (3, S, S) uint8
-        return self.normalize(x)
+        return torch.from_numpy(self.array(x))  # (3, S, S)
 
 
 class TrainTransform:
     """Pixels -> augmented (3, S, S): random-resized crop + horizontal flip (ImageNet fine-tuning).
 
-    Random numbers come from torch's global generator, which the training loop seeds per sample.
-    `augment=False` is the evaluation transform.
+    The crop is drawn inside the aspect guard by torchvision's `RandomResizedCrop.get_params`, cut
+    and resampled by the one resize (as torchvision's PIL `resized_crop`). Random numbers come from
+    torch's global generator, which the training loop seeds per sample. `augment=False`: the eval transform.
     """
 
     def __init__(self, pre: Preprocessing, augment: bool = True, scale_min: float = 0.35) -> None:
-        from torchvision.transforms import InterpolationMode, v2
-
         self.eval = EvalTransform(pre)
+        self.pre = pre
         self.augment = augment
-        self.crop = v2.RandomResizedCrop(
-            pre.input_size,
-            scale=(scale_min, 1.0),
-            interpolation=InterpolationMode(pre.interpolation),
-            antialias=True,
-        )
-        self.flip = v2.RandomHorizontalFlip()
+        self.scale = [scale_min, 1.0]
+        self.ratio = [3.0 / 4.0, 4.0 / 3.0]
         self.normalize = self.eval.normalize
 
     def __call__(self, x: Any) -> torch.Tensor:
+        import torch
+        from torchvision.transforms import RandomResizedCrop
+
         if not self.augment:
             return self.eval(x)
-        if not hasattr(x, "shape"):
-            x = pil_to_tensor(x)
-        return self.normalize(self.flip(self.crop(guard_aspect(x))))  # (3, S, S)
+        im = guard(as_image(x))
+        top, left, h, w = RandomResizedCrop.get_params(im, self.scale, self.ratio)
+        im = im.crop((left, top, left + w, top + h))
+        im = resize(im, (self.pre.input_size, self.pre.input_size), self.pre.interpolation)
+        if torch.rand(1).item() < 0.5:
+            im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return torch.from_numpy(self.normalize(im))  # (3, S, S)
 
 
 class Reader:
@@ -207,3 +278,16 @@ def train_reader(
 ) -> Reader:
     """path -> augmented (3, S, S) tensor (see `TrainTransform`)."""
     return Reader(TrainTransform(pre, augment, scale_min), decoder)
+
+
+class ArrayReader:
+    """path -> (3, S, S) float32 numpy array, without torch: Pillow's decode (`decode.load_rgb`: the
+    same pixels as the fast decoder for JPEG/PNG, and the very decoder for every other format)
+    through `EvalTransform.array`. What `finetune predict` feeds ONNX Runtime. Raises `decode.ImageError`.
+    """
+
+    def __init__(self, pre: Preprocessing) -> None:
+        self.transform = EvalTransform(pre)
+
+    def __call__(self, path: str | os.PathLike) -> np.ndarray:
+        return self.transform.array(load_rgb(path))
