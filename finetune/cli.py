@@ -122,6 +122,9 @@ def run(
     no_cache: Annotated[
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep checkpoint/ in a finished fine-tune's folder.")
+    ] = False,
 ) -> None:
     """Train and evaluate a classifier on DATA; write a run folder.
 
@@ -152,6 +155,7 @@ def run(
         resume=resume,
         compile=compile_,
         cache=not no_cache,
+        keep_checkpoints=keep_checkpoints,
     )
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
@@ -583,6 +587,10 @@ def runs_cmd(
         return
     typer.echo(f"{'run':<48}{'strategy':<18}{'tap':<8}{'accuracy':>9}{'seconds':>9}")
     for r in rows:
+        if r.get("status") == "interrupted":
+            typer.echo(f"{printable(r['run']):<48}{r['strategy']:<18}interrupted at {r['where']}")
+            typer.echo(f"{'':<4}continue with: {printable(r['resume'])}")
+            continue
         acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
         secs = f"{r['seconds']:.1f}" if r["seconds"] is not None else "-"
         typer.echo(f"{r['run']:<48}{r['strategy']:<18}{r['tap']:<8}{acc:>9}{secs:>9}")

@@ -42,6 +42,7 @@ class RunOptions:
     resume: str | Path | None = None
     compile: bool = False
     cache: bool = True
+    keep_checkpoints: bool = False  # fine-tuning: keep checkpoint/ in the finished run folder
 
 
 @dataclass

@@ -79,23 +79,33 @@ def run(opts: RunOptions) -> RunResult:
     torch is imported by whatever runs a network: a probe whose features and trunk are all in
     the cache (a re-run) fits its head with numpy/scipy and writes the folder without it.
     """
-    from finetune.app.runfolder import RunConfig, new_run_dir, save_run
+    from finetune.runtime import collective_errors, start_distributed
+
+    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
+    with collective_errors(dist):  # a peer that died or hung: one line on this rank too
+        return _run(opts, dist)
+
+
+def _run(opts: RunOptions, dist) -> RunResult:
+    from finetune.app.runfolder import RunConfig, is_run, new_run_dir, save_run
     from finetune.io import versions, write_json
     from finetune.models.backbone import open_backbone
-    from finetune.runtime import shared_path, start_distributed, stop_distributed
+    from finetune.runtime import shared_path, stop_distributed
 
     started = time.perf_counter()
-    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
+    resumed = None
     if opts.resume is not None:
         from finetune.train.checkpoint import resume_options
 
-        opts = resume_options(opts)  # the interrupted run's own backbone, split and recipe
-    load_recipe(
-        opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides
-    )
+        # the interrupted run's own backbone, split and recipe; "already finished" once its folder is complete
+        opts, resumed = resume_options(opts, dist, complete=is_run)
+    else:
+        load_recipe(
+            opts.strategy if opts.strategy != "auto" else "linear-probe", opts.recipe_file, opts.overrides
+        )
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     strategy, advice = resolve_strategy(opts, index)
-    recipe = load_recipe(strategy, opts.recipe_file, opts.overrides)
+    recipe = resumed or load_recipe(strategy, opts.recipe_file, opts.overrides)
     bb = open_backbone(
         opts.backbone,
         pretrained=opts.pretrained,
@@ -105,8 +115,8 @@ def run(opts: RunOptions) -> RunResult:
         seed=recipe.seed,
     )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
-    # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
-    # fine-tuning runs DistributedDataParallel (train.py). Rank 0 alone writes the run folder.
+    # Under torchrun, probes shard the extraction (features/extract.py) and every rank fits the same
+    # head; fine-tuning trains data-parallel (train/loop.py). Rank 0 alone writes the run folder.
     if opts.resume is not None:
         run_dir = Path(opts.resume)
     else:
@@ -152,7 +162,18 @@ def run(opts: RunOptions) -> RunResult:
         write_json(run_dir / "predictions.json", outcome.predictions)
     stop_distributed()
     _write_report(run_dir)
+    if recipe.method == "finetune" and not opts.keep_checkpoints:
+        _drop_checkpoint(run_dir)  # the folder is complete: nothing left to resume
     return RunResult(run_dir, metrics, index, config, dict(ctx.bad))
+
+
+def _drop_checkpoint(run_dir: Path) -> None:
+    """Remove a finished fine-tune's checkpoint/ (tens of MB); `--keep-checkpoints` keeps it."""
+    import shutil
+
+    from finetune.train.checkpoint import CHECKPOINT_DIR
+
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _write_report(run_dir: Path) -> None:

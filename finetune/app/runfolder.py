@@ -199,15 +199,47 @@ def load_run(run_dir: str | os.PathLike):
     return model, EvalTransform(config.preprocessing), list(config.class_names)
 
 
+def _interrupted_row(p: Path) -> dict | None:
+    """A fine-tune that stopped before its folder was complete: where, and the command that continues it."""
+    from finetune.train.checkpoint import read_meta, resume_command
+
+    meta = read_meta(p)
+    if meta is None or not isinstance(meta.get("recipe"), dict):
+        return None
+    epochs = meta["recipe"].get("epochs", "?")
+    where = (
+        "the end (the run folder was not written)"
+        if meta.get("finished")
+        else f"epoch {meta.get('epoch', 0) + 1}/{epochs}, batch {meta.get('batch', 0)}"
+    )
+    return {
+        "run": p.name,
+        "path": str(p),
+        "status": "interrupted",
+        "strategy": meta["recipe"].get("name", "?"),
+        "backbone": meta.get("options", {}).get("backbone", "?"),
+        "where": where,
+        "resume": resume_command(meta.get("data"), p, int(meta.get("world", 1))),
+    }
+
+
 def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
-    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric."""
+    """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric.
+
+    An interrupted fine-tune (a checkpoint, no model yet) is listed with status "interrupted",
+    where it stopped, and the `--resume` command that continues it; finished runs have status
+    "finished".
+    """
     root = Path(out)
     rows = []
     if not root.is_dir():
         return rows
-    for p in sorted(
-        (p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True
-    ):
+    for p in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
+        if not is_run(p):
+            row = _interrupted_row(p)
+            if row is not None:
+                rows.append(row)
+            continue
         try:
             config = read_config(p)
             metrics = (
@@ -222,6 +254,7 @@ def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
             {
                 "run": p.name,
                 "path": str(p),
+                "status": "finished",
                 "backbone": config.backbone,
                 "strategy": config.strategy,
                 "tap": config.tap,
