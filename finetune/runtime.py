@@ -101,9 +101,14 @@ def shared_path(path: Path | None, d: Dist) -> Path:
 
 
 def stop_distributed() -> None:
-    """Leave the process group, if one was joined (none can be without torch.distributed loaded)."""
+    """Leave the process group, if one was joined (none can be without torch.distributed loaded).
+
+    Every rank leaves together (a barrier first): a rank that tore down its connections while
+    rank 0 still wrote the run folder left rank 0's gloo transport to find a closed peer.
+    """
     dist = sys.modules.get("torch.distributed")
     if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.barrier()
         dist.destroy_process_group()
 
 
@@ -265,6 +270,15 @@ def all_sum(values: list[float], d: Dist, device=None) -> list[float]:
     return _all_sum(values, d, device if device is not None else "cpu")
 
 
+def _short(err: BaseException) -> str:
+    """The gist of a torch.distributed error: its first sentence, without the C++ source location."""
+    import re
+
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    text = re.sub(r"^\[[^\]]*\.(cpp|cc|h):\d+\]\s*", "", text)
+    return text.split(". ")[0][:160]
+
+
 def is_collective_failure(err: BaseException) -> bool:
     """A lost peer or a timeout in torch.distributed (not a mistake of this rank)."""
     import torch
@@ -299,7 +313,7 @@ class collective_errors:
             return False
         if not is_collective_failure(err):
             return False
-        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        first = _short(err)
         raise RunError(
             f"process {self.d.rank} of {self.d.world} lost the others ({first})",
             "another process stopped first: its error is above; with no error, one hung for "
