@@ -59,6 +59,8 @@ class _Group(TyperGroup):
             _fail("interrupted", 130)
         except FinetuneError as err:
             _fail(str(err), getattr(err, "exit_code", 2))  # Interrupted training: 130 / 143
+        if rv == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            _fail("interrupted (Ctrl-C) — nothing more was written; run the command again to redo it", 130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 

@@ -92,6 +92,13 @@ def cluster(tmp_path_factory):
     add("preempted", cmd("partial-finetune", "preempted", *resume), ("c0", "c1"), {"sigterm_at": 4})
     faults = {"oom_rank": 1, "empty_rank": 1}
     add("faults", cmd("partial-finetune", "faults", *resume, "--keep-checkpoints"), ("c0", "c1"), faults)
+    convnext = ["--strategy", "full-finetune", "--backbone", "test_convnext", "--no-pretrained"]
+    sets = [a for kv in (*COMMON, "batch_size=3", "lr=0.01") for a in ("--set", kv)]
+    add(
+        "convnext",
+        ["run", data, *convnext, "--workers", "0", "--device", "cpu", "--out", tmp / "two", *sets],
+        ("c0", "c1"),
+    )
 
     (tmp / "spec.json").write_text(json.dumps(specs))
     args = [tmp / "spec.json", tmp / "result.json"]
@@ -200,15 +207,14 @@ def test_a_rank_that_hangs_stops_every_rank_at_the_process_group_timeout(cluster
     assert seconds < 240  # bounded by the 20 s timeout (+ torchrun's 30 s grace), not the hang's hour
 
 
-def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_path):
+def test_two_gloo_processes_train_the_single_process_weights(cluster, tmp_path):
     """The reference is one process walking the same global sample order (`DistributedSampler` with
     num_replicas=1 and the same seed) with the global batch (2 x 3) and the scaled LR (2 x 0.01):
     with a BatchNorm-free model (timm test_convnext: LayerNorm), no augmentation and 18 training
     images (divisible by 2 x 3), the averaged gradients are the single-process ones."""
-    data = make_folder({"red": 8, "blue": 8, "green": 8})  # 18 train, 6 val
     single = run(
         RunOptions(
-            data=data,
+            data=cluster["data"],
             strategy="full-finetune",
             backbone="test_convnext",
             pretrained=False,
@@ -218,13 +224,8 @@ def test_two_gloo_processes_train_the_single_process_weights(make_folder, tmp_pa
             out=tmp_path / "one",
         ),
     )
-    out = tmp_path / "two"
-    sets = [a for kv in (*COMMON, "batch_size=3", "lr=0.01") for a in ("--set", kv)]
-    args = ["--strategy", "full-finetune", "--backbone", "test_convnext", "--no-pretrained"]
-    proc = torchrun("run", data, *args, "--workers", "0", "--device", "cpu", "--out", out, *sets)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert proc.stdout.count("run folder:") == 1 and "lr 0.01 x 2 = 0.02" in proc.stderr
-    a, b = _weights(single.run_dir), _weights(_one_run(out))
+    assert cluster["codes"]["convnext"] == 0 and "lr 0.01 x 2 = 0.02" in cluster["stderr"]
+    a, b = _weights(single.run_dir), _weights(_one_run(cluster["tmp"] / "two"))
     assert a.keys() == b.keys() and b["head.weight"].abs().sum() > 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)

@@ -626,3 +626,110 @@ def test_cuda_amp_channels_last_trains_and_resumes(make_folder, tmp_path, compil
     assert any(not torch.equal(before[k].cuda(), v) for k, v in tr.model.state_dict().items())
     meta, tensors, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert "rng.cuda.0" in tensors and meta["epoch"] == 2
+
+
+def test_ctrl_c_during_feature_extraction_is_one_line_and_exit_130(make_folder, tmp_path, monkeypatch):
+    """A real SIGINT (Python's own handler: KeyboardInterrupt) while the LP-FT head's features are
+    extracted, before the training loop handles signals itself."""
+    import finetune.features.extract as extract
+
+    data = make_folder({"red": 6, "blue": 6})
+    real = extract._run_engine
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "_run_engine", interrupted)
+    res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", "epochs=1"))
+    assert res.exit_code == 130, res.output
+    lines = res.output.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: interrupted"), res.output
+
+
+def test_sigterm_does_not_offer_a_second_ctrl_c(make_folder, tmp_path, monkeypatch, caplog):
+    data = make_folder({"red": 6, "blue": 6})
+    caplog.set_level("INFO", logger="finetune")
+    finetune_with(monkeypatch, stop_at(1, signal.SIGTERM))
+    res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", 'init_head="random"'))
+    assert res.exit_code == 143, res.output
+    assert "SIGTERM: stopping after this batch and saving a checkpoint" in caplog.text
+    assert "Ctrl-C" not in caplog.text and "Ctrl-C" not in res.output
+
+
+def test_a_signal_during_validation_stops_before_the_next_batch(make_folder, tmp_path, monkeypatch):
+    """SIGINT arrives while epoch 1 validates: the epoch's checkpoint is written and no batch of
+    epoch 2 runs (the message promised "after this batch")."""
+    from finetune.train.setup import batches_per_epoch
+
+    data = make_folder({"red": 6, "blue": 6})
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=3", 'init_head="random"')
+    one_epoch = batches_per_epoch(len(tr.train_pos), 4, 1)
+    real = finetune.train.loop.validate
+
+    def validate(t):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while validating
+        return real(t)
+
+    monkeypatch.setattr(finetune.train.loop, "validate", validate)
+    with pytest.raises(Interrupted) as err:
+        fit(tr)
+    assert err.value.exit_code == 130 and "epoch 2, batch 0" in str(err.value)
+    assert tr.progress.batches_seen == one_epoch and tr.progress.epoch == 1
+    meta, _, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert (meta["epoch"], meta["batch"], len(meta["history"])) == (1, 0, 1)
+
+
+def test_a_nan_validation_loss_stops_naming_the_lr_and_is_never_the_best(make_folder, tmp_path, monkeypatch):
+    data = make_folder({"red": 6, "blue": 6})
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=3", 'init_head="random"')
+    script = iter([(0.5, 0.7), (0.9, float("nan"))])  # epoch 2's model is broken, its accuracy looks better
+    kept = {}
+
+    def validate(t):
+        if t.progress.epoch == 0:
+            kept.update({k: v.clone() for k, v in t.model.state_dict().items()})
+        return next(script)
+
+    monkeypatch.setattr(finetune.train.loop, "validate", validate)
+    with pytest.raises(TrainingError) as err:
+        fit(tr)
+    text = str(err.value)
+    assert (
+        "validation loss became nan after epoch 2" in text
+        and "lr = 0.01" in text
+        and "--set lr=0.001" in text
+    )
+    meta, _, best = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert meta["best_epoch"] == 1 and meta["epoch"] == 1
+    assert all(torch.equal(best[k], kept[k]) for k in kept)
+
+
+def test_a_loss_that_rises_far_above_its_start_stops_naming_the_lr(make_folder, tmp_path):
+    """lr 20 with clipping keeps every loss finite but sends it up: stopped as divergence, not a NaN."""
+    data = make_folder({"red": 6, "blue": 6})
+    res = runner.invoke(
+        app,
+        tiny_run_args(
+            data,
+            tmp_path / "runs",
+            "full-finetune",
+            "lr=20",
+            "warmup_epochs=0",
+            'init_head="random"',
+            "epochs=20",
+        ),
+    )
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss rose from") and "lr = 20" in last, last
+    assert "--set lr=2" in last
+
+
+def test_divergence_is_measured_against_the_start_and_the_loss_of_guessing():
+    from finetune.train.loop import diverged
+
+    k = 10  # guessing: ln 10 = 2.30
+    assert not diverged(2.3, 2.3 + 4.5, k) and diverged(2.3, 2.3 + 4.7, k)
+    assert not diverged(0.05, 4.6, k) and diverged(0.05, 4.7, k)  # a probed head's small start
+    assert diverged(3.0, 9.1, k) and not diverged(3.0, 8.9, k)  # a start above guessing: twice it
