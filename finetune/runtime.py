@@ -157,8 +157,8 @@ def _all_gather_bytes(blob: bytes) -> list[bytes]:
     return [bytes(part[: int(n)].cpu().numpy()) for part, n in zip(parts, sizes)]
 
 
-def _all_sum(values: list[float], dist: Dist, device: torch.device) -> list[float]:
-    """Sum of `values` over ranks (metrics are reduced so every rank takes the same decisions)."""
+def all_sum(values: list[float], dist: Dist, device: torch.device | str = "cpu") -> list[float]:
+    """Sum of `values` over ranks, float64: every rank gets the same numbers, so takes the same decisions."""
     import torch
 
     if dist.world == 1:
@@ -263,11 +263,6 @@ def average_gradients(params, d: Dist, bucket_bytes: int = 25 * 2**20) -> None:
             for old, new in zip(bucket, torch._utils._unflatten_dense_tensors(flat, bucket), strict=True):
                 old.copy_(new)
             bucket, size = [], 0
-
-
-def all_sum(values: list[float], d: Dist, device=None) -> list[float]:
-    """Sum of `values` over ranks, float64: every rank gets the same numbers, so takes the same decision."""
-    return _all_sum(values, d, device if device is not None else "cpu")
 
 
 def _short(err: BaseException) -> str:

@@ -733,3 +733,30 @@ def test_divergence_is_measured_against_the_start_and_the_loss_of_guessing():
     assert not diverged(2.3, 2.3 + 4.5, k) and diverged(2.3, 2.3 + 4.7, k)
     assert not diverged(0.05, 4.6, k) and diverged(0.05, 4.7, k)  # a probed head's small start
     assert diverged(3.0, 9.1, k) and not diverged(3.0, 8.9, k)  # a start above guessing: twice it
+
+
+@pytest.mark.parametrize(
+    ("policy", "synced"),
+    [("train", 4), ("eval", 1), ("frozen", 0)],  # every BatchNorm trains / those of trained stages / none
+)
+def test_batchnorm_layers_that_train_become_syncbatchnorm_under_torchrun_on_cuda(policy, synced):
+    """The converted model is the one returned and used (convert_sync_batchnorm replaces modules),
+    and the layers kept in eval mode are layers of that model. No GPU needed: only modules change."""
+    from finetune.recipes import recipe_from_dict
+    from finetune.train.setup import batchnorm_policy, freeze
+
+    trunk = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    top = nn.Sequential(nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = Classifier(nn.Sequential(trunk, top), nn.Linear(4, 2))
+    freeze(model, [n for n, _ in model.trunk[0].named_parameters(prefix="0")])  # the bottom is frozen
+    recipe = recipe_from_dict({"bn_policy": policy})
+    out, eval_norms = batchnorm_policy(model, recipe, torch.device("cuda"), world=2)
+    kinds = [type(m) for m in out.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds.count(nn.SyncBatchNorm) == synced and len(kinds) == 4
+    assert all(any(m is n for n in out.trunk.modules()) for m in eval_norms)
+    assert len(eval_norms) == 4 - synced
+    fresh = Classifier(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten()), nn.Linear(3, 2))
+    cpu, _ = batchnorm_policy(fresh, recipe, torch.device("cpu"), world=2)  # gloo: no SyncBatchNorm
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())

@@ -125,14 +125,18 @@ def batchnorm_policy(
 ) -> tuple[Classifier, list[nn.Module]]:
     """(the model, its BatchNorm layers that stay in eval mode) under `recipe.bn_policy`.
 
-    Call after `freeze`. Under torchrun on CUDA, the BatchNorm layers whose statistics train
-    become SyncBatchNorm (statistics of the global batch); SyncBatchNorm needs a GPU, so on gloo
-    (CPU) each process keeps its own and rank 0's are shared before validating and saving.
+    Call after `freeze`. Under torchrun on CUDA, the BatchNorm layers whose statistics train (and
+    only those) become SyncBatchNorm: statistics of the global batch. SyncBatchNorm needs a GPU,
+    so on gloo (CPU) each process keeps its own and rank 0's are shared before validating and saving.
     """
     norms = BN_POLICIES[recipe.bn_policy](model.trunk)
-    if world > 1 and device.type == "cuda" and len(norms) < len(norm_layers(model.trunk)):
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # returns the converted module
-        norms = BN_POLICIES[recipe.bn_policy](model.trunk)  # the same layers, now SyncBatchNorm
+    if world > 1 and device.type == "cuda":
+        kept = {id(m) for m in norms}
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and id(child) not in kept:
+                    # convert_sync_batchnorm returns a new module (same parameters and buffers): put it in
+                    setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
     return model, norms
 
 
