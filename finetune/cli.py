@@ -60,7 +60,7 @@ class _Group(TyperGroup):
         except FinetuneError as err:
             _fail(str(err), getattr(err, "exit_code", 2))  # Interrupted training: 130 / 143
         if rv == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
-            _fail("interrupted (Ctrl-C) — nothing more was written; run the command again to redo it", 130)
+            _fail("interrupted (Ctrl-C) — run it again (a fine-tune with a checkpoint: --resume RUN)", 130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
