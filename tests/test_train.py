@@ -461,6 +461,38 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_folder, tmp_path):
     assert meta["epoch"] >= 1 and any(k.startswith("model.") for k in tensors)
 
 
+def test_sigterm_to_the_whole_job_with_decode_workers_saves_a_checkpoint(make_folder, tmp_path):
+    """Slurm and torchrun's agent signal every process of a job, decode workers included: the
+    workers must not die first (that was reported as a decode worker crash naming innocent files)."""
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    args = tiny_run_args(data, out, "partial-finetune", "epochs=100000", 'init_head="random"')
+    args[args.index("--workers") + 1] = "2"
+    env = {**os.environ, "FINETUNE_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while (
+        not list(out.glob("*/checkpoint/checkpoint.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    time.sleep(1.0)  # well into the next epoch, its workers running
+    os.killpg(proc.pid, signal.SIGTERM)  # the job's every process, as a scheduler does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: SIGTERM") and "--resume" in last and "crashed" not in err, err
+
+
 _KILL_SCRIPT = """
 import os, sys, time, torch
 from pathlib import Path

@@ -664,7 +664,9 @@ class _SeededDataset:
     """ImageDataset whose random augmentation of item i is seeded by seeds[i] (not by the global RNG).
 
     That makes a sample's crop independent of worker count, batch position and resumes.
-    Decode workers ignore SIGINT: the main process handles it and saves a checkpoint.
+    Decode workers ignore SIGINT and SIGTERM: Ctrl-C reaches the terminal's whole process group,
+    and schedulers (Slurm, torchrun's agent) signal every process of a job; the main process
+    handles the signal and saves a checkpoint, which needs its workers alive until then.
     """
 
     def __init__(self, base: ImageDataset, seeds: np.ndarray, slots=None) -> None:
@@ -679,6 +681,7 @@ class _SeededDataset:
         if info is not None and not self._in_worker:
             self._in_worker = True
             signal.signal(signal.SIGINT, signal.SIG_IGN)
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if info is not None and self.slots is not None:
             self.slots[info.id] = i  # which file this worker reads now: named if the worker dies
         with torch.random.fork_rng(devices=[]):
