@@ -94,6 +94,8 @@ class _Group(TyperGroup):
                 raise
             where = err.filename or "a file"
             _fail(f"cannot write {where}: {err.strerror} — free some space or choose another place (-o)")
+        if rv == 130:  # Typer turns Ctrl-C (KeyboardInterrupt) into a silent exit 130
+            _fail("interrupted (Ctrl-C) — run it again (a fine-tune with a checkpoint: --resume RUN)", 130)
         sys.exit(rv if isinstance(rv, int) else 0)
 
 
@@ -249,6 +251,9 @@ def run(
         bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
     ] = False,
     offline: Offline = False,
+    keep_checkpoints: Annotated[
+        bool, typer.Option("--keep-checkpoints", help="Keep checkpoint/ in a finished fine-tune's folder.")
+    ] = False,
 ) -> None:
     """Train and evaluate on DATA; write a run.
 
@@ -283,6 +288,7 @@ def run(
         compile=compile_,
         cache=not no_cache,
         offline=offline,
+        keep_checkpoints=keep_checkpoints,
     )
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
@@ -817,6 +823,12 @@ def runs_cmd(
             f"no runs under {printable(str(out))}; make one with `finetune run DATA` or `finetune demo`"
         )
         return
+
+    def note(r: dict) -> str:
+        if r.get("status") == "interrupted":
+            return f"interrupted at {r['where']}"
+        return f"damaged: {r['damaged']}" if r.get("damaged") else ""
+
     cells = [
         [
             r["run"],
@@ -826,12 +838,15 @@ def runs_cmd(
             r["split"],
             f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-",
             f"{r['seconds']:.1f}" if r["seconds"] is not None else "-",
-            f"damaged: {r['damaged']}" if r.get("damaged") else "",
+            note(r),
         ]
         for r in rows
     ]
     header = ["run", "strategy", "tap", "classes", "split", "accuracy", "seconds", "note"]
     typer.echo(text_table(header, cells, right=(3, 5, 6)))
+    for r in rows:
+        if r.get("status") == "interrupted":
+            typer.echo(f"continue {printable(r['run'])} with: {printable(r['resume'])}")
 
 
 @app.command("recipes")

@@ -43,6 +43,7 @@ class RunOptions:
     compile: bool = False
     cache: bool = True
     offline: bool = False  # published weights from the caches only (also FINETUNE_OFFLINE / HF_HUB_OFFLINE)
+    keep_checkpoints: bool = False  # fine-tuning: keep checkpoint/ in the finished run folder
 
 
 @dataclass

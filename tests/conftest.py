@@ -170,22 +170,78 @@ def tiny_weights(tmp_path) -> Path:
     return path
 
 
-def torchrun(*args, nproc: int = 2):
-    """`python -m torch.distributed.run --standalone -m finetune ARGS` on CPU; the CompletedProcess."""
-    import subprocess
+# What a torchrun launch must not inherit from the test process (a parent launched under torchrun).
+_DIST_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+)
+
+
+def torchrun_cmd(*args, nproc: int = 2, script: str | Path | None = None, rdzv: list[str] | None = None):
+    """The command line of `python -m torch.distributed.run ... -m finetune ARGS` (or SCRIPT ARGS).
+
+    `--standalone` by default: the rendezvous store binds port 0, so the OS picks a free port and
+    concurrent launches never collide (no port is chosen by us and then bound later).
+    """
     import sys
 
+    cmd = [sys.executable, "-m", "torch.distributed.run", *(rdzv or ["--standalone"])]
+    cmd += ["--nproc-per-node", str(nproc)]
+    cmd += ["-m", "finetune"] if script is None else [str(script)]
+    return cmd + [str(a) for a in args]
+
+
+def torchrun_env(**extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k not in _DIST_ENV}
+    env.update({"FINETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "FINETUNE_ENGINE": "torch"})
+    env.setdefault("FINETUNE_DIST_TIMEOUT", "300")  # a hang fails the test; a loaded machine does not
+    env.update(extra)
+    return env
+
+
+def launch(cmd: list[str], env: dict[str, str]):
+    """Start a launcher in its own process group (so a timeout can end its workers too)."""
+    import subprocess
+
     root = Path(__file__).resolve().parent.parent
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc-per-node",
-        str(nproc),
-        "-m",
-        "finetune",
-        *map(str, args),
-    ]
-    env = {**os.environ, "FINETUNE_PROGRESS": "0", "OMP_NUM_THREADS": "1", "FINETUNE_ENGINE": "torch"}
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=root, timeout=300)
+    return subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=root,
+        start_new_session=True,
+    )
+
+
+def finish(proc, timeout: float = 300):
+    """(returncode, stdout, stderr) of a launched process; on timeout its whole group is killed.
+
+    torchrun's workers are its children: killing only the launcher would leave them running,
+    holding CPU (and sockets) for the tests after it.
+    """
+    import contextlib
+    import signal
+    import subprocess
+
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        raise AssertionError(f"timed out after {timeout} s:\n{err[-3000:]}") from None
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # nothing of the launch outlives it
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+
+def torchrun(*args, nproc: int = 2, script: str | Path | None = None, timeout: float = 300, **env):
+    """`python -m torch.distributed.run --standalone -m finetune ARGS` on CPU; the CompletedProcess."""
+    return finish(launch(torchrun_cmd(*args, nproc=nproc, script=script), torchrun_env(**env)), timeout)

@@ -20,6 +20,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 import finetune.train.loop
+from finetune.app import pipeline
 from finetune.app.pipeline import run
 from finetune.cli import app
 from finetune.data.index import scan
@@ -31,7 +32,7 @@ from finetune.models.classifier import Classifier
 from finetune.recipes import load_recipe
 from finetune.runtime import Dist
 from finetune.train.checkpoint import load_checkpoint, save_checkpoint
-from finetune.train.loop import _OOM, STOP_AFTER_ENV, Trainer
+from finetune.train.loop import _OOM, Progress, fit, predict, prepare, run_finetune
 from finetune.train.setup import frozen_norm_layers
 from finetune.train.signals import Interrupted
 
@@ -59,7 +60,7 @@ def make_trainer(
     device: str = "cpu",
     dist: Dist | None = None,
 ):
-    """A Trainer on a real scanned folder and a real (random-init) timm model; logs collected."""
+    """A prepared Training on a real scanned folder and a real (random-init) timm model."""
     recipe = load_recipe(strategy, overrides=list(overrides))
     opts = RunOptions(
         data=data,
@@ -78,7 +79,22 @@ def make_trainer(
     ctx = RunContext(scan(data), bb, pre, recipe, run_dir, opts)
     trunk = build_trunk(bb.model, "pool")
     model = Classifier(trunk, nn.Linear(feature_dim(trunk, pre.input_size), len(ctx.index.classes)))
-    return Trainer(ctx, model, torch.device(device), dist or Dist())
+    return prepare(ctx, model, torch.device(device), dist or Dist())
+
+
+def stop_at(batches: int, signum: int = signal.SIGINT):
+    """An on_batch hook that raises a real signal after `batches` training batches of the run."""
+
+    def hook(progress: Progress) -> None:
+        if progress.batches_seen == batches:
+            signal.raise_signal(signum)
+
+    return hook
+
+
+def finetune_with(monkeypatch, hook) -> None:
+    """`pipeline.run` fine-tunes with `hook` called after every batch (the registry entry, replaced)."""
+    monkeypatch.setitem(pipeline.METHODS, "finetune", lambda ctx: run_finetune(ctx, on_batch=hook))
 
 
 def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
@@ -104,13 +120,13 @@ def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_i
         'bn_policy="eval"',
     )
     st = stages(
-        tr.net.trunk
+        tr.model.trunk
     )  # stem, stage1..stage4: bottom = stem+stage1+stage2, middle = stage3, top = stage4
     groups = {g["name"]: g for g in tr.optimizer.param_groups}
     assert {k: g["initial_lr"] for k, g in groups.items()} == pytest.approx(
         {"head": 0.02, "top": 0.002, "middle": 0.0002}, rel=1e-12
     )
-    named = dict(tr.net.trunk.named_parameters())
+    named = dict(tr.model.trunk.named_parameters())
     ids = lambda names: {id(named[n]) for n in names}  # noqa: E731
     assert {id(p) for p in groups["top"]["params"]} == ids(st[4].params)
     assert {id(p) for p in groups["middle"]["params"]} == ids(st[3].params)
@@ -120,17 +136,17 @@ def test_partial_finetune_reads_base_tenth_hundredth_and_leaves_the_bottom_bit_i
 
     # During training: the frozen bottom builds no autograd graph and its BatchNorm is in eval mode.
     seen: dict[str, list] = {"grad": [], "bn_training": [], "top_grad": []}
-    tr.net.trunk.layer1.register_forward_hook(lambda m, i, o: seen["grad"].append(o.requires_grad))
-    tr.net.trunk.bn1.register_forward_hook(lambda m, i, o: seen["bn_training"].append(m.training))
+    tr.model.trunk.layer1.register_forward_hook(lambda m, i, o: seen["grad"].append(o.requires_grad))
+    tr.model.trunk.bn1.register_forward_hook(lambda m, i, o: seen["bn_training"].append(m.training))
 
     def top_hook(module, inputs, output) -> None:
         if torch.is_grad_enabled():  # training forwards, not validation
             seen["top_grad"].append(output.requires_grad)
 
-    tr.net.trunk.layer4.register_forward_hook(top_hook)
-    before = snapshot(tr.net)
-    tr.fit()
-    after = tr.net.state_dict()
+    tr.model.trunk.layer4.register_forward_hook(top_hook)
+    before = snapshot(tr.model)
+    fit(tr)
+    after = tr.model.state_dict()
     assert seen["grad"] and not any(seen["grad"]) and seen["top_grad"] and all(seen["top_grad"])
     assert not any(seen["bn_training"])
     prefixes = ("conv1.", "bn1.", "layer1.", "layer2.")  # bottom stages: weights AND BatchNorm statistics
@@ -154,10 +170,10 @@ def test_full_finetune_changes_every_parameter(make_folder, tmp_path):
         "grad_clip=0",
         'init_head="random"',
     )
-    before = snapshot(tr.net)
-    assert len(tr.optimizer.param_groups) == 4 and not frozen_norm_layers(tr.net.trunk)
-    tr.fit()
-    unchanged = [n for n, p in tr.net.named_parameters() if torch.equal(before[n], p)]
+    before = snapshot(tr.model)
+    assert len(tr.optimizer.param_groups) == 4 and not frozen_norm_layers(tr.model.trunk)
+    fit(tr)
+    unchanged = [n for n, p in tr.model.named_parameters() if torch.equal(before[n], p)]
     assert not unchanged and len(before) > 40
 
 
@@ -175,12 +191,12 @@ def test_bn_policy_frozen_keeps_every_running_statistic_while_affine_weights_lea
         'init_head="random"',
     )
     modes: list[bool] = []
-    for m in tr.net.modules():
+    for m in tr.model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.register_forward_hook(lambda mod, i, o: modes.append(mod.training))
-    before = snapshot(tr.net)
-    tr.fit()
-    after = tr.net.state_dict()
+    before = snapshot(tr.model)
+    fit(tr)
+    after = tr.model.state_dict()
     stats = [k for k in before if k.endswith(("running_mean", "running_var"))]
     affine = [k for k in before if k.startswith("trunk.layer4") and k.endswith("bn1.weight")]
     assert modes and not any(modes)
@@ -209,15 +225,15 @@ def test_training_lowers_the_training_loss(make_folder, tmp_path):
     train = tr.ctx.positions("train")
 
     def loss() -> float:
-        _, y, p = tr.predict(train, 16)
+        _, y, p = predict(tr, train, 16)
         return float(-np.log(p[np.arange(len(y)), y]).mean())
 
     start = loss()
-    tr.fit()
+    fit(tr)
     assert loss() < 0.8 * start  # 1.63 -> 1.18 measured: a real drop, not noise
 
 
-def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path, caplog):
+def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path, caplog, monkeypatch):
     """Scripted validation accuracies 0.5, 0.75, 0.75 (worse loss), 0.6 with patience 2: stop after
     epoch 4 of 10, and the model is epoch 2's."""
     data = make_folder({"red": 6, "blue": 6})
@@ -226,17 +242,17 @@ def test_early_stopping_keeps_the_best_epoch(make_folder, tmp_path, caplog):
     script = iter([(0.5, 1.0), (0.75, 0.8), (0.75, 0.9), (0.6, 1.0)])
     kept = {}
 
-    def validate():
+    def validate(t):
         acc, loss = next(script)
-        if tr.state.epoch == 1:
-            kept.update(snapshot(tr.net))
+        if t.progress.epoch == 1:
+            kept.update(snapshot(t.model))
         return acc, loss
 
-    tr.validate = validate
-    tr.fit()
-    assert tr.state.epoch == 4 and tr.state.best_epoch == 2 and tr.state.stopped_early
+    monkeypatch.setattr(finetune.train.loop, "validate", validate)
+    fit(tr)
+    assert tr.progress.epoch == 4 and tr.progress.best_epoch == 2 and tr.progress.stopped_early
     assert "early stop" in caplog.text
-    final = tr.net.state_dict()
+    final = tr.model.state_dict()
     assert all(torch.equal(kept[k], final[k]) for k in kept)
     rows = (tmp_path / "run" / "history.csv").read_text().splitlines()
     assert len(rows) == 5 and rows[0].startswith("epoch,train_loss")
@@ -262,17 +278,18 @@ def test_interrupted_and_resumed_twice_equals_uninterrupted_bit_for_bit(make_fol
     )
     whole = run(RunOptions(**common, out=tmp_path / "a"))
 
-    monkeypatch.setenv(STOP_AFTER_ENV, "5")  # after the last batch of epoch 1, before its validation
+    finetune_with(monkeypatch, stop_at(5))  # after the last batch of epoch 1, before its validation
     with pytest.raises(Interrupted) as err:
         run(RunOptions(**common, out=tmp_path / "b"))
     assert err.value.exit_code == 130 and "--resume" in str(err.value)
     run_dir = next((tmp_path / "b").iterdir())
     meta = json.loads((run_dir / "checkpoint" / "checkpoint.json").read_text())
-    assert (meta["epoch"], meta["batch"]) == (0, 5) and isinstance(meta["numpy_rng"]["state"], dict)
-    monkeypatch.setenv(STOP_AFTER_ENV, "8")  # mid-epoch 2, after 3 of its 5 batches
-    with pytest.raises(Interrupted):
+    assert (meta["epoch"], meta["batch"], meta["world"], meta["history"]) == (0, 5, 1, [])  # not validated
+    finetune_with(monkeypatch, stop_at(8, signal.SIGTERM))  # mid-epoch 2, after 3 of its 5 batches
+    with pytest.raises(Interrupted) as err:
         run(RunOptions(data=data, resume=run_dir, workers=0))
-    monkeypatch.delenv(STOP_AFTER_ENV)
+    assert err.value.exit_code == 143
+    finetune_with(monkeypatch, None)
     resumed = run(RunOptions(data=data, resume=run_dir, workers=0))
 
     assert resumed.run_dir == run_dir
@@ -290,18 +307,100 @@ def test_resume_mistakes_are_one_line(make_folder, tmp_path):
     assert res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "no checkpoint" in res.output
 
     out = tmp_path / "runs"
-    done = runner.invoke(
-        app,
-        tiny_run_args(data, out, "partial-finetune", "epochs=1"),
-    )
+    done = runner.invoke(app, tiny_run_args(data, out, "partial-finetune", "epochs=1"))
     assert done.exit_code == 0, done.output
     run_dir = next(out.iterdir())
-    for f in ("history.csv", "curves.png", "model.safetensors", "checkpoint/checkpoint.json"):
+    for f in ("history.csv", "curves.png", "model.safetensors"):
         assert (run_dir / f).is_file(), f
+    assert not (run_dir / "checkpoint").exists()  # a finished fine-tune drops it
     res = runner.invoke(app, ["run", str(data), "--resume", str(run_dir)])
     assert (
         res.exit_code == 2 and len(res.output.strip().splitlines()) == 1 and "already finished" in res.output
     )
+
+
+def test_keep_checkpoints_keeps_the_finished_checkpoint(make_folder, tmp_path):
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    args = tiny_run_args(data, out, "partial-finetune", "epochs=1", 'init_head="random"')
+    done = runner.invoke(app, [*args, "--keep-checkpoints"])
+    assert done.exit_code == 0, done.output
+    run_dir = next(out.iterdir())
+    meta, tensors, best = load_checkpoint(run_dir / "checkpoint")
+    assert meta["finished"] and best is not None
+    saved = load_file(str(run_dir / "model.safetensors"))
+    assert all(torch.equal(saved[k], best[k]) for k in saved)  # the model is the checkpoint's best
+    res = runner.invoke(app, ["run", str(data), "--resume", str(run_dir)])
+    assert res.exit_code == 2 and "already finished" in res.output
+
+
+class _Killed(BaseException):
+    """What SIGKILL looks like to the code after it: nothing more runs (not an Exception: no cleanup)."""
+
+
+def test_a_run_killed_before_its_folder_was_written_is_resumed_into_it(make_folder, tmp_path, monkeypatch):
+    """Killed after the last epoch's checkpoint, while writing model.safetensors: `--resume` writes the
+    folder from the checkpoint, with the model an uninterrupted run saves, and `runs` said so before."""
+    import finetune.app.runfolder as runfolder
+
+    data = make_folder({"red": 6, "blue": 6})
+    common = dict(
+        data=data,
+        strategy="partial-finetune",
+        backbone="test_resnet",
+        pretrained=False,
+        workers=0,
+        overrides=(*TINY, "epochs=2"),
+    )
+    whole = run(RunOptions(**common, out=tmp_path / "a"))
+    real = runfolder.save_run
+
+    def killed(run_dir, tensors, config):
+        (run_dir / "model.safetensors").write_bytes(b"half a file")  # the kill came mid-write
+        raise _Killed
+
+    monkeypatch.setattr(runfolder, "save_run", killed)
+    with pytest.raises(_Killed):
+        run(RunOptions(**common, out=tmp_path / "b runs"))
+    monkeypatch.setattr(runfolder, "save_run", real)
+    run_dir = next((tmp_path / "b runs").iterdir())
+    assert not (run_dir / "config.json").exists() and (run_dir / "checkpoint" / "checkpoint.json").is_file()
+
+    listed = runner.invoke(app, ["runs", "--runs", str(tmp_path / "b runs")])
+    assert listed.exit_code == 0 and "interrupted" in listed.output, listed.output
+    assert f"--resume '{run_dir}'" in listed.output  # shell-quoted: the folder name has a space
+
+    resumed = run(RunOptions(data=data, resume=run_dir, workers=0))
+    assert resumed.run_dir == run_dir and (run_dir / "config.json").is_file()
+    a, b = _weights(whole.run_dir), _weights(run_dir)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert resumed.metrics["val"]["accuracy"] == whole.metrics["val"]["accuracy"]
+    assert not (run_dir / "checkpoint").exists()
+
+
+def test_runs_lists_an_interrupted_finetune_with_its_resume_command(make_folder, tmp_path, monkeypatch):
+    data = make_folder({"red": 6, "blue": 6}, name="my data")
+    out = tmp_path / "runs"
+    finetune_with(monkeypatch, stop_at(2))
+    with pytest.raises(Interrupted) as err:
+        run(
+            RunOptions(
+                data=data,
+                strategy="partial-finetune",
+                backbone="test_resnet",
+                pretrained=False,
+                workers=0,
+                overrides=(*TINY, "epochs=3", 'init_head="random"'),
+                out=out,
+            )
+        )
+    run_dir = next(out.iterdir())
+    command = f"finetune run '{data}' --resume {run_dir}"
+    assert command in str(err.value)
+    rows = json.loads(runner.invoke(app, ["runs", "--runs", str(out), "--json"]).output)
+    assert [(r["status"], r["resume"]) for r in rows] == [("interrupted", command)]
+    text = runner.invoke(app, ["runs", "--runs", str(out)]).output
+    assert "interrupted at epoch 1/3, batch 2" in text and command in text
 
 
 def test_a_finetuned_run_is_used_by_predict_like_a_probe(make_folder, tmp_path):
@@ -360,6 +459,38 @@ def test_sigterm_saves_a_checkpoint_and_exits_143(make_folder, tmp_path):
     assert last.startswith("error: SIGTERM") and "--resume" in last, err
     meta, tensors, _ = load_checkpoint(next(out.iterdir()) / "checkpoint")
     assert meta["epoch"] >= 1 and any(k.startswith("model.") for k in tensors)
+
+
+def test_sigterm_to_the_whole_job_with_decode_workers_saves_a_checkpoint(make_folder, tmp_path):
+    """Slurm and torchrun's agent signal every process of a job, decode workers included: the
+    workers must not die first (that was reported as a decode worker crash naming innocent files)."""
+    data = make_folder({"red": 6, "blue": 6})
+    out = tmp_path / "runs"
+    args = tiny_run_args(data, out, "partial-finetune", "epochs=100000", 'init_head="random"')
+    args[args.index("--workers") + 1] = "2"
+    env = {**os.environ, "FINETUNE_PROGRESS": "0"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "finetune", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=ROOT,
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 120
+    while (
+        not list(out.glob("*/checkpoint/checkpoint.json"))
+        and proc.poll() is None
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.2)
+    time.sleep(1.0)  # well into the next epoch, its workers running
+    os.killpg(proc.pid, signal.SIGTERM)  # the job's every process, as a scheduler does
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("error: SIGTERM") and "--resume" in last and "crashed" not in err, err
 
 
 _KILL_SCRIPT = """
@@ -454,7 +585,8 @@ def test_a_diverging_loss_stops_with_the_learning_rate_named(make_folder, tmp_pa
     )
     assert res.exit_code == 2, res.output
     last = res.output.strip().splitlines()[-1]
-    assert last.startswith("error: the training loss became") and "lr = 10" in last and "--set lr=" in last
+    diverged = ("error: the training loss became", "error: training diverged")
+    assert last.startswith(diverged) and "lr = 10" in last and "--set lr=" in last
 
 
 class _SmallMemory(nn.Module):
@@ -475,16 +607,16 @@ def test_out_of_memory_retries_with_half_batches_and_says_so(make_folder, tmp_pa
     data = make_folder({"red": 5, "blue": 5})  # 8 training images, batch 4: 2 steps per epoch
     caplog.set_level("INFO", logger="finetune")
     tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
-    tr.fwd = _SmallMemory(tr.net, limit=2)
-    tr.fit()
-    assert tr.state.micro == 2 and tr.state.step == 2 and tr.fwd.sizes == [2, 2, 2, 2]
+    tr.forward = _SmallMemory(tr.model, limit=2)
+    fit(tr)
+    assert tr.progress.micro == 2 and tr.progress.step == 2 and tr.forward.sizes == [2, 2, 2, 2]
     assert "out of GPU memory: retrying with batches of 2 images" in caplog.text
 
     (tmp_path / "x").mkdir()
     tr2 = make_trainer(data, tmp_path / "x", "partial-finetune", *TINY, "epochs=1", 'init_head="random"')
-    tr2.fwd = _SmallMemory(tr2.net, limit=0)
+    tr2.forward = _SmallMemory(tr2.model, limit=0)
     with pytest.raises(TrainingError, match="batch of 1 image"):
-        tr2.fit()
+        fit(tr2)
 
 
 def test_a_crashed_decode_worker_is_reported_with_its_file(make_folder, tmp_path, monkeypatch):
@@ -502,7 +634,7 @@ def test_a_crashed_decode_worker_is_reported_with_its_file(make_folder, tmp_path
 
     monkeypatch.setattr(D, "read_header", crashing)
     with pytest.raises(TrainingError, match="decode worker crashed") as err:
-        tr.fit()
+        fit(tr)
     assert victim in str(err.value)
 
 
@@ -516,14 +648,150 @@ def test_cuda_amp_channels_last_trains_and_resumes(make_folder, tmp_path, compil
     data = make_folder({"red": 8, "blue": 8})
     tr = make_trainer(data, tmp_path, "full-finetune", *TINY, "epochs=2", device="cuda")
     if compile_:
-        tr.fwd = torch.compile(tr.net)
+        tr.forward = torch.compile(tr.model)
     expected = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
     assert tr.amp_dtype == expected and (tr.scaler is not None) == (expected == torch.float16)
-    conv = tr.net.trunk.conv1.weight
+    conv = tr.model.trunk.conv1.weight
     assert conv.is_cuda and conv.is_contiguous(memory_format=torch.channels_last)
-    before = snapshot(tr.net)
-    tr.fit()
-    assert all(np.isfinite(r["train_loss"]) for r in tr.state.history)
-    assert any(not torch.equal(before[k].cuda(), v) for k, v in tr.net.state_dict().items())
+    before = snapshot(tr.model)
+    fit(tr)
+    assert all(np.isfinite(r["train_loss"]) for r in tr.progress.history)
+    assert any(not torch.equal(before[k].cuda(), v) for k, v in tr.model.state_dict().items())
     meta, tensors, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
     assert "rng.cuda.0" in tensors and meta["epoch"] == 2
+
+
+def test_ctrl_c_during_feature_extraction_is_one_line_and_exit_130(make_folder, tmp_path, monkeypatch):
+    """A real SIGINT (Python's own handler: KeyboardInterrupt) while the LP-FT head's features are
+    extracted, before the training loop handles signals itself."""
+    import finetune.features.extract as extract
+
+    data = make_folder({"red": 6, "blue": 6})
+    real = extract._run_engine
+
+    def interrupted(*args, **kwargs):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(extract, "_run_engine", interrupted)
+    res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", "epochs=1"))
+    assert res.exit_code == 130, res.output
+    lines = res.output.strip().splitlines()
+    assert lines == [lines[-1]] and lines[0].startswith("error: interrupted"), res.output
+
+
+def test_sigterm_does_not_offer_a_second_ctrl_c(make_folder, tmp_path, monkeypatch, caplog):
+    data = make_folder({"red": 6, "blue": 6})
+    caplog.set_level("INFO", logger="finetune")
+    finetune_with(monkeypatch, stop_at(1, signal.SIGTERM))
+    res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", 'init_head="random"'))
+    assert res.exit_code == 143, res.output
+    assert "SIGTERM: stopping after this batch and saving a checkpoint" in caplog.text
+    assert "Ctrl-C" not in caplog.text and "Ctrl-C" not in res.output
+
+
+def test_a_signal_during_validation_stops_before_the_next_batch(make_folder, tmp_path, monkeypatch):
+    """SIGINT arrives while epoch 1 validates: the epoch's checkpoint is written and no batch of
+    epoch 2 runs (the message promised "after this batch")."""
+    from finetune.train.setup import batches_per_epoch
+
+    data = make_folder({"red": 6, "blue": 6})
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=3", 'init_head="random"')
+    one_epoch = batches_per_epoch(len(tr.train_pos), 4, 1)
+    real = finetune.train.loop.validate
+
+    def validate(t):
+        signal.raise_signal(signal.SIGINT)  # Ctrl-C while validating
+        return real(t)
+
+    monkeypatch.setattr(finetune.train.loop, "validate", validate)
+    with pytest.raises(Interrupted) as err:
+        fit(tr)
+    assert err.value.exit_code == 130 and "epoch 2, batch 0" in str(err.value)
+    assert tr.progress.batches_seen == one_epoch and tr.progress.epoch == 1
+    meta, _, _ = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert (meta["epoch"], meta["batch"], len(meta["history"])) == (1, 0, 1)
+
+
+def test_a_nan_validation_loss_stops_naming_the_lr_and_is_never_the_best(make_folder, tmp_path, monkeypatch):
+    data = make_folder({"red": 6, "blue": 6})
+    tr = make_trainer(data, tmp_path, "partial-finetune", *TINY, "epochs=3", 'init_head="random"')
+    script = iter([(0.5, 0.7), (0.9, float("nan"))])  # epoch 2's model is broken, its accuracy looks better
+    kept = {}
+
+    def validate(t):
+        if t.progress.epoch == 0:
+            kept.update({k: v.clone() for k, v in t.model.state_dict().items()})
+        return next(script)
+
+    monkeypatch.setattr(finetune.train.loop, "validate", validate)
+    with pytest.raises(TrainingError) as err:
+        fit(tr)
+    text = str(err.value)
+    assert (
+        "validation loss became nan after epoch 2" in text
+        and "lr = 0.01" in text
+        and "--set lr=0.001" in text
+    )
+    meta, _, best = load_checkpoint(tmp_path / "run" / "checkpoint")
+    assert meta["best_epoch"] == 1 and meta["epoch"] == 1
+    assert all(torch.equal(best[k], kept[k]) for k in kept)
+
+
+def test_a_loss_that_rises_far_above_its_start_stops_naming_the_lr(make_folder, tmp_path):
+    """lr 10 (the largest a recipe takes) without clipping sends a finite loss far above its start:
+    stopped as divergence, not a NaN."""
+    data = make_folder({"red": 6, "blue": 6})
+    res = runner.invoke(
+        app,
+        tiny_run_args(
+            data,
+            tmp_path / "runs",
+            "full-finetune",
+            "lr=10",
+            "grad_clip=0",
+            "warmup_epochs=0",
+            'init_head="random"',
+            "epochs=20",
+        ),
+    )
+    assert res.exit_code == 2, res.output
+    last = res.output.strip().splitlines()[-1]
+    assert last.startswith("error: training diverged: the loss rose from") and "lr = 10" in last, last
+    assert "--set lr=1" in last
+
+
+def test_divergence_is_measured_against_the_start_and_the_loss_of_guessing():
+    from finetune.train.loop import diverged
+
+    k = 10  # guessing: ln 10 = 2.30
+    assert not diverged(2.3, 2.3 + 4.5, k) and diverged(2.3, 2.3 + 4.7, k)
+    assert not diverged(0.05, 4.6, k) and diverged(0.05, 4.7, k)  # a probed head's small start
+    assert diverged(3.0, 9.1, k) and not diverged(3.0, 8.9, k)  # a start above guessing: twice it
+
+
+@pytest.mark.parametrize(
+    ("policy", "synced"),
+    [("train", 4), ("eval", 1), ("frozen", 0)],  # every BatchNorm trains / those of trained stages / none
+)
+def test_batchnorm_layers_that_train_become_syncbatchnorm_under_torchrun_on_cuda(policy, synced):
+    """The converted model is the one returned and used (convert_sync_batchnorm replaces modules),
+    and the layers kept in eval mode are layers of that model. No GPU needed: only modules change."""
+    from finetune.recipes import recipe_from_dict
+    from finetune.train.setup import batchnorm_policy, freeze
+
+    trunk = nn.Sequential(
+        nn.BatchNorm2d(3), nn.Conv2d(3, 4, 1), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.BatchNorm2d(4)
+    )
+    top = nn.Sequential(nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = Classifier(nn.Sequential(trunk, top), nn.Linear(4, 2))
+    freeze(model, [n for n, _ in model.trunk[0].named_parameters(prefix="0")])  # the bottom is frozen
+    recipe = recipe_from_dict({"bn_policy": policy})
+    out, eval_norms = batchnorm_policy(model, recipe, torch.device("cuda"), world=2)
+    kinds = [type(m) for m in out.trunk.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    assert kinds.count(nn.SyncBatchNorm) == synced and len(kinds) == 4
+    assert all(any(m is n for n in out.trunk.modules()) for m in eval_norms)
+    assert len(eval_norms) == 4 - synced
+    fresh = Classifier(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten()), nn.Linear(3, 2))
+    cpu, _ = batchnorm_policy(fresh, recipe, torch.device("cpu"), world=2)  # gloo: no SyncBatchNorm
+    assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())

@@ -133,25 +133,36 @@ def run(opts: RunOptions) -> RunResult:
     the cache (a re-run) fits its head with numpy/scipy and writes the folder without it.
     A run that fails leaves no run folder behind (unless it holds a checkpoint to resume).
     """
-    from finetune.runtime import start_distributed
+    from finetune.runtime import check_device, collective_errors, start_distributed
 
     started = time.perf_counter()
+    dist = start_distributed(check_device(opts.device))  # world 1 unless launched by torchrun
+    with collective_errors(dist):  # a peer that died or hung: one line on this rank too
+        return _run(opts, dist, started)
+
+
+def _run(opts: RunOptions, dist, started: float) -> RunResult:
+    resumed = None
     if opts.resume is not None:
+        from finetune.app.runfolder import is_run
         from finetune.train.checkpoint import resume_options
 
-        opts = resume_options(opts)  # the interrupted run's own backbone, split and recipe
+        # the interrupted run's own options and recipe; "already finished" once its folder is complete
+        opts, resumed = resume_options(opts, dist, complete=is_run)
     opts = check_options(opts)
-    dist = start_distributed(opts.device)  # world 1 unless launched by torchrun
     index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
     if dist.main:
         for warning in index.warnings:
             log.warning(warning)
     strategy, advice = resolve_strategy(opts, index)
-    recipe = load_recipe(strategy, opts.recipe_file, opts.overrides, strict=opts.strategy != "auto")
-    unused = [k for k in override_keys(opts.overrides) if k not in recipe.keys]
-    unused += ["--compile"] if opts.compile and recipe.is_probe else []
-    if unused:  # auto chose a recipe the user could not know: say what it leaves out, once
-        log.warning(f"auto chose {recipe.name}, which does not use {', '.join(unused)}: ignored")
+    if resumed is not None:
+        recipe = resumed
+    else:
+        recipe = load_recipe(strategy, opts.recipe_file, opts.overrides, strict=opts.strategy != "auto")
+        unused = [k for k in override_keys(opts.overrides) if k not in recipe.keys]
+        unused += ["--compile"] if opts.compile and recipe.is_probe else []
+        if unused:  # auto chose a recipe the user could not know: say what it leaves out, once
+            log.warning(f"auto chose {recipe.name}, which does not use {', '.join(unused)}: ignored")
     return _train_and_save(opts, index, recipe, advice, started, dist)
 
 
@@ -177,8 +188,8 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
             f"choose one of {', '.join(bb.tap_names)}, or all (stage-probe)",
         )
     pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
-    # Under torchrun, probes shard the extraction (features.py) and every rank fits the same head;
-    # fine-tuning runs DistributedDataParallel (train.py). Rank 0 alone writes the run folder.
+    # Under torchrun, probes shard the extraction (features/extract.py) and every rank fits the same
+    # head; fine-tuning trains data-parallel (train/loop.py). Rank 0 alone writes the run folder.
     out_existed = Path(opts.out).exists()
     if opts.resume is not None:
         run_dir = Path(opts.resume)
@@ -242,6 +253,8 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         raise
     stop_distributed()
     _write_report(run_dir)
+    if recipe.method == "finetune" and not opts.keep_checkpoints:
+        _drop_checkpoint(run_dir)  # the folder is complete: nothing left to resume
     return RunResult(run_dir, metrics, final, config, dict(ctx.bad))
 
 
@@ -266,6 +279,15 @@ def _discard(run_dir: Path, out: Path, out_existed: bool) -> None:
     if not out_existed:
         with contextlib.suppress(OSError):
             out.rmdir()  # only if empty: made by this run alone
+
+
+def _drop_checkpoint(run_dir: Path) -> None:
+    """Remove a finished fine-tune's checkpoint/ (tens of MB); `--keep-checkpoints` keeps it."""
+    import shutil
+
+    from finetune.train.checkpoint import CHECKPOINT_DIR
+
+    shutil.rmtree(run_dir / CHECKPOINT_DIR, ignore_errors=True)
 
 
 def _write_report(run_dir: Path) -> None:

@@ -237,22 +237,47 @@ def load_run(run_dir: str | os.PathLike):
     return model, EvalTransform(config.preprocessing), list(config.class_names)
 
 
+def _interrupted_row(p: Path) -> dict | None:
+    """A fine-tune that stopped before its folder was complete: where, and the command that continues it."""
+    from finetune.train.checkpoint import read_meta, resume_command
+
+    meta = read_meta(p)
+    if meta is None or not isinstance(meta.get("recipe"), dict):
+        return None
+    epochs = meta["recipe"].get("epochs", "?")
+    where = (
+        "the end (the run folder was not written)"
+        if meta.get("finished")
+        else f"epoch {meta.get('epoch', 0) + 1}/{epochs}, batch {meta.get('batch', 0)}"
+    )
+    return {
+        "run": p.name,
+        "path": str(p),
+        "status": "interrupted",
+        "strategy": meta["recipe"].get("name", "?"),
+        "backbone": meta.get("options", {}).get("backbone", "?"),
+        "where": where,
+        "resume": resume_command(meta.get("data"), p, int(meta.get("world", 1))),
+    }
+
+
 def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
     """One row per run folder under `out`, newest first: name, backbone, strategy, headline metric.
 
-    A run whose config.json or metrics.json is damaged is listed too, with `damaged` saying what
-    is wrong (the others are listed as usual).
+    Every row has `status`: "finished", or "interrupted" for a fine-tune that stopped before its
+    folder was complete (a checkpoint, no model yet), with where it stopped (`where`) and the
+    `--resume` command that continues it (`resume`). A run whose config.json or metrics.json is
+    damaged is listed too, with `damaged` saying what is wrong (the others are listed as usual).
     """
     root = Path(out)
     rows = []
     if not root.is_dir():
         return rows
-    for p in sorted(
-        (p for p in root.iterdir() if p.is_dir() and is_run(p)), key=lambda p: p.name, reverse=True
-    ):
+    for p in sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name, reverse=True):
         row: dict = {
             "run": p.name,
             "path": str(p),
+            "status": "finished",
             "backbone": "?",
             "strategy": "?",
             "tap": "?",
@@ -263,6 +288,11 @@ def list_runs(out: str | os.PathLike = "runs") -> list[dict]:
             "created": "",
             "damaged": None,
         }
+        if not is_run(p):
+            interrupted = _interrupted_row(p)
+            if interrupted is not None:
+                rows.append({**row, **interrupted})
+            continue
         try:
             config = read_config(p)
             row.update(

@@ -8,7 +8,9 @@
 The network runs in inference mode, batched, on the fastest engine for the device
 (`engine.py`), while DataLoader workers decode and resize the next batches; rows already in
 the feature cache (`cache.py`) are not computed again. Under torchrun the images are sharded
-across ranks and gathered in their original order.
+across ranks and gathered in their original order; which images still need the network is
+decided by rank 0 from its cache and shared, and rows another node's cache lacks come from
+rank 0, so node-local caches never make one rank skip a gather the others wait in.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from finetune.data.index import DatasetIndex
 from finetune.data.loader import ImageDataset, default_workers, make_loader
 from finetune.data.transforms import Preprocessing, eval_reader
 from finetune.features.cache import FeatureCache, FeatureIdentity, row_key
-from finetune.runtime import _all_gather_bytes, _rank, _shard, pick_device
+from finetune.runtime import Dist, _all_gather_bytes, _rank, _shard, broadcast_bytes, pick_device
 
 log = logging.getLogger(__name__)
 
@@ -101,6 +103,64 @@ def _gather(
     if not xs:
         return x, p, merged
     return np.concatenate(xs), np.concatenate(ps), merged
+
+
+def _npz(**arrays) -> bytes:
+    import io
+
+    out = io.BytesIO()
+    np.savez(out, **arrays)
+    return out.getvalue()
+
+
+def _unnpz(blob: bytes) -> dict[str, np.ndarray]:
+    import io
+
+    with np.load(io.BytesIO(blob), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _agree(
+    positions: list[int],
+    names: list[str],
+    rows: dict[str, dict[int, np.ndarray]],
+    todo: list[int],
+    bad: dict[int, str],
+) -> tuple[list[int], dict[int, str]]:
+    """Rank 0's (images to extract, known failures) on every rank; cached rows a rank lacks, from rank 0.
+
+    Each rank reads its own cache (node-local or shared), but only rank 0's decides: otherwise a
+    node with a warm cache skips the gather that a node with a cold one waits in. `rows` is
+    completed in place. Collectives: two broadcasts and one all-gather (plus one broadcast of
+    the missing rows, when some rank lacks some).
+    """
+    d = Dist.from_env()
+    mine = None
+    if d.main:
+        mine = _npz(
+            todo=np.asarray(todo, np.int64),
+            bad_pos=np.asarray(list(bad), np.int64),
+            bad_why=np.asarray(list(bad.values()), str),
+        )
+    z = _unnpz(broadcast_bytes(mine, d))
+    todo = z["todo"].tolist()
+    bad = dict(zip(z["bad_pos"].tolist(), z["bad_why"].tolist()))
+    skip = set(todo) | set(bad)
+    lack = [p for p in positions if p not in skip and any(p not in rows[t] for t in names)]
+    wanted = sorted(
+        {int(p) for blob in _all_gather_bytes(_npz(p=np.asarray(lack, np.int64))) for p in _unnpz(blob)["p"]}
+    )
+    if wanted:
+        sent = (
+            _npz(**{f"x{k}": np.stack([rows[t][p] for p in wanted]) for k, t in enumerate(names)})
+            if d.main
+            else None
+        )
+        got = _unnpz(broadcast_bytes(sent, d))
+        for k, t in enumerate(names):
+            for p, row in zip(wanted, got[f"x{k}"]):
+                rows[t].setdefault(p, row)
+    return todo, bad
 
 
 def _tap_shapes(multi, input_size: int) -> list[tuple[int, ...]]:
@@ -255,6 +315,8 @@ def _extract_outputs(
     rows: dict[str, dict[int, np.ndarray]] = {
         t: {positions[i]: v for i, v in found[t].items()} for t in names
     }
+    if Dist.from_env().world > 1:
+        todo, bad = _agree(positions, names, rows, todo, bad)
     engine_name, shapes = "cache", None
     if todo:
         from finetune.features.engine import engine_key, make_engine

@@ -164,6 +164,11 @@ def lpft_head(ctx: RunContext, trunk: Any, device: Any) -> tuple[np.ndarray, np.
     the hundreds; once fine-tuning moves them (batch statistics, augmentation) the logits explode
     (measured: loss 150+ on digits). Raw-feature weights stay O(1).
 
+    Under torchrun every rank calls it: the extraction is a collective (images sharded, rows
+    gathered on every rank, what to extract decided by rank 0), so every rank fits this head on
+    the same features and takes the same decisions (`check_classes`); the fine-tuning loop then
+    starts every rank from rank 0's weights.
+
     Returns:
         (W (K, D), b (K,)) float32 for the head's nn.Linear, and what config.json records.
     """

@@ -1,12 +1,16 @@
 """Checkpoints of a fine-tuning run: a crash never loses the last good one; nothing is unpickled.
 
-    save_checkpoint(run_dir / "checkpoint", meta, tensors, best)   # state-N.safetensors, then checkpoint.json
-    meta, tensors, best = load_checkpoint(run_dir / "checkpoint")
-    opts = resume_options(opts)                                    # the options the run started with
+    meta, tensors = encode_state(model, optimizer, scheduler, scaler)   # state dicts -> JSON + tensors
+    save_checkpoint(run_dir / "checkpoint", meta | progress, tensors, best)   # state-N, then checkpoint.json
+    meta, tensors, best = load_checkpoint(run_dir / "checkpoint", dist)   # rank 0 reads, every rank gets it
+    decode_state(meta, tensors, model, optimizer, scheduler, scaler)
+    opts, recipe = resume_options(opts, dist)                           # what the run started with
 
-Tensors go to safetensors files; everything else (optimizer hyper-parameters, RNG states,
-progress) to `checkpoint.json`, which is written last and names the tensor files: it is the
-commit point.
+Tensors go to safetensors files; everything else (optimizer hyper-parameters, progress, the
+world size and seed that define every rank's sample order) to `checkpoint.json`, which is
+written last and names the tensor files: it is the commit point. Under torchrun only rank 0
+writes and reads them; the other ranks receive rank 0's bytes (their nodes need no copy).
+torch is imported inside the functions that handle tensors: `finetune runs` reads the JSON only.
 """
 
 from __future__ import annotations
@@ -16,14 +20,18 @@ import errno
 import json
 import logging
 import shlex
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from finetune.errors import RunError, TrainingError
 from finetune.io import save_tensors, write_json
 from finetune.method import RunContext, RunOptions
+from finetune.recipes import Recipe
+from finetune.runtime import Dist, shared_bytes
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +46,8 @@ RECIPE_FILE = "recipe.toml"  # the resolved recipe, which `--resume` runs again
 
 def _encode(obj: Any, prefix: str, tensors: dict[str, torch.Tensor]) -> Any:
     """A state dict as JSON, its tensors moved into `tensors` under dotted keys."""
+    import torch
+
     if isinstance(obj, torch.Tensor):
         tensors[prefix] = obj
         return {"$t": prefix}
@@ -60,13 +70,46 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
+def encode_state(model, optimizer, scheduler, scaler=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able meta, tensors) of everything that moves while training, RNG states included."""
+    import torch
+
+    tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    meta = {
+        "optimizer": _encode(optimizer.state_dict(), "optim", tensors),
+        "scheduler": _encode(scheduler.state_dict(), "sched", tensors),
+        "scaler": _encode(scaler.state_dict(), "scaler", tensors) if scaler else None,
+    }
+    tensors["rng.torch"] = torch.get_rng_state()
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"rng.cuda.{i}"] = s
+    return meta, tensors
+
+
+def decode_state(meta: dict, tensors: dict, model, optimizer, scheduler, scaler=None) -> None:
+    """Load what `encode_state` saved into the (freshly built) model, optimizer, scheduler and scaler."""
+    import torch
+
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
+    scheduler.load_state_dict(_decode(meta["scheduler"], tensors))
+    if scaler is not None and meta.get("scaler"):
+        scaler.load_state_dict(_decode(meta["scaler"], tensors))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(tensors) if k.startswith("rng.cuda.")]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+
+
 def save_checkpoint(
     folder: Path, meta: dict, tensors: dict[str, torch.Tensor], best: dict[str, torch.Tensor] | None = None
 ) -> None:
     """Write one checkpoint: tensor files first, then `checkpoint.json` naming them (the commit).
 
     Each file goes through `atomic_write`. Until the JSON is renamed into place the previous
-    checkpoint is the valid one; files it does not name are removed afterwards.
+    checkpoint is the valid one; files it does not name are removed afterwards. Without new
+    `best` weights, `meta["best_tensors"]` (if given) keeps naming the previous best file.
 
     Raises:
         TrainingError: the disk is full (or another write error); the previous checkpoint is kept.
@@ -106,48 +149,117 @@ def _last_good(folder: Path) -> str:
         return "no earlier checkpoint exists"
 
 
-def load_checkpoint(folder: Path) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
-    """(meta, tensors, best weights or None) of the last committed checkpoint; nothing is unpickled."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
+def _read_files(folder: Path) -> tuple[bytes, bytes, bytes]:
+    """(checkpoint.json, state tensors, best tensors or b"") as bytes, as committed."""
     index = folder / CHECKPOINT_INDEX
     if not index.is_file():
         raise RunError(
             f"{folder.parent} has no checkpoint to resume from", "start a new run without --resume"
         )
     try:
-        meta = json.loads(index.read_text(encoding="utf-8"))
-        tensors = load_file(str(folder / meta["tensors"]))
-        best = load_file(str(folder / meta["best_tensors"])) if meta.get("best_tensors") else None
-    except (OSError, ValueError, KeyError, SafetensorError) as err:
+        raw = index.read_bytes()
+        meta = json.loads(raw)
+        state = (folder / meta["tensors"]).read_bytes()
+        best = (folder / meta["best_tensors"]).read_bytes() if meta.get("best_tensors") else b""
+    except (OSError, ValueError, KeyError) as err:
         raise RunError(
             f"the checkpoint in {folder} is damaged ({err})", "start a new run without --resume"
         ) from None
-    return meta, tensors, best
+    return raw, state, best
 
 
-def resume_options(opts: RunOptions) -> RunOptions:
-    """The options an interrupted run started with (backbone, weights, split, recipe), for `--resume RUN`."""
-    run_dir = Path(opts.resume)
-    if not run_dir.is_dir():
-        raise RunError(f"run folder {run_dir} does not exist", "pass the folder printed when the run stopped")
-    meta, _, _ = load_checkpoint(run_dir / CHECKPOINT_DIR)
-    if meta.get("finished"):
+def load_checkpoint(
+    folder: Path, dist: Dist | None = None
+) -> tuple[dict, dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """(meta, tensors, best weights or None) of the last committed checkpoint; nothing is unpickled.
+
+    Under torchrun rank 0 reads the files and every rank receives the same bytes (or the same error).
+    """
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    raw, state, best = shared_bytes(lambda: _read_files(folder), dist or Dist())
+    try:
+        meta = json.loads(raw)
+        return meta, load(state), (load(best) if best else None)
+    except (ValueError, SafetensorError) as err:
         raise RunError(
-            f"run {run_dir} already finished (epoch {meta['epoch']})", "start a new run without --resume"
-        )
+            f"the checkpoint in {folder} is damaged ({err})", "start a new run without --resume"
+        ) from None
+
+
+def read_meta(run_dir: Path) -> dict | None:
+    """checkpoint.json of a run folder (no tensors, no torch), or None when it has none readable."""
+    try:
+        return json.loads((Path(run_dir) / CHECKPOINT_DIR / CHECKPOINT_INDEX).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
+def resume_command(data: str | None, run_dir: str | Path, world: int = 1) -> str:
+    """The command that continues an interrupted run, shell-quoted (paths may hold spaces or quotes)."""
+    args = f"run {shlex.quote(str(data)) if data else 'DATA'} --resume {shlex.quote(str(run_dir))}"
+    if world > 1:
+        return f"torchrun --nproc-per-node {world} -m finetune {args} (the same torchrun options as before)"
+    return f"finetune {args}"
+
+
+def resume_options(
+    opts: RunOptions, dist: Dist | None = None, complete: Callable[[Path], bool] = lambda p: False
+) -> tuple[RunOptions, Recipe]:
+    """(the options, the resolved recipe) an interrupted run started with, for `--resume RUN`.
+
+    Rank 0 reads the checkpoint; under torchrun the other ranks get its bytes, so other nodes
+    need no copy of the run folder. A checkpoint marked finished whose run folder was never
+    completed (killed while writing model.safetensors or config.json) is resumed too: the loop
+    has nothing left to train and the pipeline writes the folder from the best weights.
+
+    Args:
+        complete: whether a run folder holds a finished model (`runfolder.is_run`): then there is
+            nothing to resume.
+
+    Raises:
+        RunError: no such folder, an already complete one, no or a damaged checkpoint, --set or
+            --recipe given, or another number of processes than the run was trained with.
+    """
+    from finetune.recipes import recipe_from_dict
+
+    run_dir = Path(opts.resume)
+    dist = dist or Dist()
+
+    def read() -> tuple[bytes]:
+        if not run_dir.is_dir():
+            raise RunError(
+                f"run folder {run_dir} does not exist", "pass the folder printed when the run stopped"
+            )
+        if complete(run_dir):
+            raise RunError(f"run {run_dir} already finished", "start a new run without --resume")
+        return (_read_files(run_dir / CHECKPOINT_DIR)[0],)
+
+    (raw,) = shared_bytes(read, dist)
+    meta = json.loads(raw)
     if opts.overrides or opts.recipe_file:
         raise RunError(
             "--resume runs the recipe the run started with", "drop --set/--recipe, or start a new run"
         )
+    world = int(meta.get("world", 1))
+    if world != dist.world:
+        many = lambda n: f"{n} process{'es' if n > 1 else ''}"  # noqa: E731
+        raise RunError(
+            f"{run_dir} was trained by {many(world)} and this is {many(dist.world)}: its batches, "
+            "learning rate and sample order depend on that number",
+            f"resume with {many(world)}: " + resume_command(meta.get("data"), run_dir, world),
+        )
     saved = meta["options"]
-    epoch, batch = meta["epoch"] + 1, meta["batch"]
-    log.info(f"resuming {run_dir}: {meta['recipe']['name']}, epoch {epoch}, batch {batch}")
-    return dataclasses.replace(
+    if meta.get("finished"):
+        log.info(f"{run_dir}: training had finished; writing its run folder from the checkpoint")
+    else:
+        log.info(
+            f"resuming {run_dir}: {meta['recipe']['name']}, epoch {meta['epoch'] + 1}, batch {meta['batch']}"
+        )
+    opts = dataclasses.replace(
         opts,
         strategy=meta["recipe"]["name"],
-        recipe_file=run_dir / CHECKPOINT_DIR / RECIPE_FILE,
         backbone=saved["backbone"],
         weights=saved["weights"],
         weights_map=saved["weights_map"],
@@ -156,9 +268,11 @@ def resume_options(opts: RunOptions) -> RunOptions:
         seed=saved["seed"],
         labels_csv=saved["labels_csv"],
     )
+    return opts, recipe_from_dict(meta["recipe"])
 
 
-def _split_digest(ctx: RunContext) -> str:
+def split_digest(ctx: RunContext) -> str:
+    """What a resumed run must find again: the classes and the training files, hashed."""
     import hashlib
 
     text = json.dumps([ctx.index.classes, [ctx.index.paths[i] for i in ctx.index.indices("train")]])

@@ -1,32 +1,33 @@
-"""Before the first step: what trains, at which learning rate, with which BatchNorm statistics.
+"""Before the first step: what trains, at which LR, with which BatchNorm statistics, in which order.
 
-    names = frozen_names(stages, recipe)            # parameters of stages with multiplier 0
+    recipe = for_world(recipe, world)                      # lr x processes; refuses what torchrun cannot do
+    freeze(model, frozen_names(stages, recipe))            # stages with multiplier 0: no gradient
+    model, norms = batchnorm_policy(model, recipe, device, world)   # BatchNorm layers kept in eval mode
     groups = param_groups(stages, recipe, dict(trunk.named_parameters()), head_params)
     optimizer = OPTIMIZERS[recipe.optimizer](groups, recipe)
-    lr_factor(step, total, warmup)                  # warmup + cosine multiplier
+    scheduler = make_scheduler(optimizer, total_steps, warmup_steps, recipe.schedule)
+    order, seeds = epoch_plan(n, epoch, recipe, world, rank)   # this rank's images of one epoch
 
-`param_groups` — the layer-wise learning rates — is a pure function, tested on tiny models in
-milliseconds; the training loop never decides a learning rate itself.
+Each is a small pure function of the model, the recipe and the world size, tested on tiny models
+in milliseconds; the training loop never decides a learning rate or a sample order itself.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
-import sys
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
+from finetune.errors import TrainingError
 from finetune.models.classifier import Classifier
 from finetune.recipes import ROLES, Recipe, stage_roles
 
-if sys.version_info >= (3, 11):
-    pass
-else:  # pragma: no cover
-    pass
-
+log = logging.getLogger(__name__)
 
 OPTIMIZERS = {
     "sgd": lambda groups, r: torch.optim.SGD(
@@ -34,6 +35,29 @@ OPTIMIZERS = {
     ),
     "adamw": lambda groups, r: torch.optim.AdamW(groups, lr=r.lr, weight_decay=r.weight_decay),
 }
+
+
+def for_world(recipe: Recipe, world: int) -> Recipe:
+    """The recipe as `world` processes run it: the batch is per process, so the LR scales with it.
+
+    The recipe's `lr` is for one process; under torchrun the global batch is batch_size x world,
+    and the LR is scaled linearly with it (lr x world), as the recipes say.
+
+    Raises:
+        TrainingError: balance = "sampler" with several processes (each would draw its own sample).
+    """
+    if world == 1:
+        return recipe
+    if recipe.balance == "sampler":
+        raise TrainingError(
+            'balance = "sampler" is not supported under torchrun',
+            "use --set balance=weights (a class-weighted loss) with several processes",
+        )
+    log.info(
+        f"torchrun: {world} processes, global batch {recipe.batch_size * world}, "
+        f"lr {recipe.lr:g} x {world} = {recipe.lr * world:g}"
+    )
+    return dataclasses.replace(recipe, lr=recipe.lr * world)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
@@ -47,6 +71,11 @@ def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> f
         return 1.0
     t = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, total: int, warmup: int, schedule: str):
+    """Warmup + cosine (or constant) as a LambdaLR over optimizer steps."""
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, total, warmup, schedule))
 
 
 def amp_for(device: torch.device) -> tuple[torch.dtype | None, bool]:
@@ -89,6 +118,26 @@ BN_POLICIES = {
     "train": lambda trunk: [],
     "frozen": norm_layers,
 }
+
+
+def batchnorm_policy(
+    model: Classifier, recipe: Recipe, device: torch.device, world: int
+) -> tuple[Classifier, list[nn.Module]]:
+    """(the model, its BatchNorm layers that stay in eval mode) under `recipe.bn_policy`.
+
+    Call after `freeze`. Under torchrun on CUDA, the BatchNorm layers whose statistics train (and
+    only those) become SyncBatchNorm: statistics of the global batch. SyncBatchNorm needs a GPU,
+    so on gloo (CPU) each process keeps its own and rank 0's are shared before validating and saving.
+    """
+    norms = BN_POLICIES[recipe.bn_policy](model.trunk)
+    if world > 1 and device.type == "cuda":
+        kept = {id(m) for m in norms}
+        for parent in list(model.modules()):
+            for name, child in list(parent.named_children()):
+                if isinstance(child, nn.modules.batchnorm._BatchNorm) and id(child) not in kept:
+                    # convert_sync_batchnorm returns a new module (same parameters and buffers): put it in
+                    setattr(parent, name, nn.SyncBatchNorm.convert_sync_batchnorm(child))
+    return model, norms
 
 
 def set_train_mode(model: nn.Module, frozen_norms: list[nn.Module]) -> None:
@@ -145,3 +194,49 @@ def param_groups(stages: list, recipe: Recipe, named_params: dict[str, Any], hea
                 }
             )
     return groups
+
+
+def class_weights(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    """sklearn's "balanced" weight per class: n / (K * count), a missing class counted once."""
+    counts = np.bincount(labels, minlength=n_classes).astype(np.float64)
+    return len(labels) / (n_classes * np.maximum(counts, 1))
+
+
+def epoch_plan(
+    n: int,
+    epoch: int,
+    recipe: Recipe,
+    world: int = 1,
+    rank: int = 0,
+    sample_weights: np.ndarray | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(this rank's sample order, augmentation seed per sample) for one epoch: a pure function.
+
+    Everything comes from (recipe.seed, epoch, world, rank), so a resumed run (any rank) rebuilds
+    exactly the epoch it stopped in from those numbers alone. The order is torch's
+    `DistributedSampler` (1 process and N processes walk the same global order, each rank every
+    N-th image); class-balanced sampling (one process only) draws with replacement. Augmentation
+    seeds are the same on every rank (indexed by image). A rank's last batch of one image is
+    dropped: it breaks BatchNorm in training mode (every rank has the same count, so all agree).
+    """
+    from torch.utils.data import DistributedSampler
+
+    rng = np.random.default_rng([recipe.seed, epoch])
+    if sample_weights is not None:
+        order = rng.choice(n, size=n, replace=True, p=sample_weights / sample_weights.sum())
+    else:
+        sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=recipe.seed)
+        sampler.set_epoch(epoch)
+        order = np.fromiter(iter(sampler), dtype=np.int64)
+    seeds = rng.integers(0, 2**31 - 1, size=n, dtype=np.int64)
+    if len(order) % recipe.batch_size == 1 and len(order) > 1:
+        order = order[:-1]
+    return order.astype(np.int64), seeds
+
+
+def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
+    """How many batches each rank takes per epoch (the length of `epoch_plan`'s order, batched)."""
+    per_rank = math.ceil(n / world)
+    if per_rank % batch_size == 1 and per_rank > 1:
+        per_rank -= 1
+    return math.ceil(per_rank / batch_size)

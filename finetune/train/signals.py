@@ -1,8 +1,14 @@
-"""SIGINT / SIGTERM during training: a flag the loop reads after each batch, then a checkpoint and an exit.
+"""SIGINT / SIGTERM during training: a flag the loop reads before each batch, then a checkpoint and an exit.
 
-signals = Signals()
-with signals.installed():
-    ... if signals.received: save, raise Interrupted(...)
+    signals = Signals()
+    with signals.installed():
+        for batch in ...:
+            if signals.received: save(); raise Interrupted(...)
+
+The handler only sets a flag: the batch being computed finishes, no further batch or validation
+pass starts, and the loop saves a checkpoint. A second Ctrl-C aborts at once (KeyboardInterrupt);
+SIGTERM (a scheduler's preemption, torchrun forwarding one) cannot be repeated by a person, so
+its message does not offer that.
 """
 
 from __future__ import annotations
@@ -26,29 +32,36 @@ class Interrupted(TrainingError):
         self.exit_code = exit_code
 
 
-class _Signals:
-    """SIGINT/SIGTERM set a flag the loop reads after each batch; a second SIGINT aborts at once."""
+# What each signal's first arrival says on the console.
+MESSAGES = {
+    signal.SIGINT: "SIGINT: stopping after this batch and saving a checkpoint (Ctrl-C again to abort)",
+    signal.SIGTERM: "SIGTERM: stopping after this batch and saving a checkpoint",
+}
+
+
+class Signals:
+    """SIGINT/SIGTERM set `received`, which the loop reads; a second SIGINT aborts at once."""
 
     def __init__(self) -> None:
         self.received: int | None = None
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
-        if self.received is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if self.received is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt
+            return  # a repeated SIGTERM: already stopping
         self.received = signum
-        log.warning(
-            f"{signal.Signals(signum).name}: saving a checkpoint after this batch (Ctrl-C again to abort)"
-        )
+        log.warning(MESSAGES[signal.Signals(signum)])
 
     @contextmanager
-    def installed(self) -> Iterator[_Signals]:
+    def installed(self) -> Iterator[Signals]:
         import threading
 
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only live in the main thread
             return
-        for s in (signal.SIGINT, signal.SIGTERM):
+        for s in MESSAGES:
             self._old[s] = signal.signal(s, self._handle)
         try:
             yield self
