@@ -36,10 +36,11 @@ STRATEGIES = ("linear-probe", "stage-probe", "partial-finetune", "full-finetune"
 METHODS = ("probe", "finetune")
 CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
-    "head": ("logreg", "svm"),
+    "head": ("logreg", "svm", "knn"),
     "optimizer": ("sgd", "adamw"),
     "schedule": ("cosine", "constant"),
     "bn_policy": ("eval", "train", "frozen"),  # see train.BN_POLICIES
+    "augment": ("none", "light", "randaugment", "trivialaugment"),
     "balance": ("none", "weights", "sampler"),
     "init_head": ("probe", "random"),
     "pool": ("avg", "max"),
@@ -67,6 +68,11 @@ KEYS_BY_METHOD: dict[str, frozenset[str]] = {
         "bn_policy",
         "augment",
         "augment_scale",
+        "random_erasing",
+        "mixup",
+        "cutmix",
+        "ema",
+        "accum_steps",
         "label_smoothing",
         "balance",
         "patience",
@@ -112,7 +118,7 @@ class Recipe:
     epochs: int = 10
     batch_size: int = 32  # per device (per process under torchrun)
     optimizer: str = "sgd"
-    lr: float = 0.01  # base LR, the head's; scaled linearly with the global batch under torchrun
+    lr: float | str = 0.01  # base LR, the head's (or "auto": `lr-find` first); scaled with the global batch
     momentum: float = 0.9
     weight_decay: float = 1e-4
     schedule: str = "cosine"
@@ -121,8 +127,15 @@ class Recipe:
     top_stages: int = 1
     middle_stages: int = 1
     bn_policy: str = "frozen"  # every BatchNorm keeps ImageNet statistics, as the packaged recipes
-    augment: bool = True
+    # "none"; "light": random-resized crop + horizontal flip; "randaugment": light + timm's
+    # rand-m9-mstd0.5-inc1; "trivialaugment": light + torchvision's TrivialAugmentWide
+    augment: str = "light"
     augment_scale: float = 0.35  # smallest area fraction of the random-resized crop
+    random_erasing: float = 0.0  # probability of erasing a random box of each training image
+    mixup: float = 0.0  # Beta(alpha, alpha) of mixup; 0: off
+    cutmix: float = 0.0  # Beta(alpha, alpha) of cutmix; 0: off
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0: off
+    accum_steps: int = 1  # batches whose gradients make one optimizer step
     label_smoothing: float = 0.0
     balance: str = "none"
     patience: int = 0  # epochs without improvement before stopping; 0: never stop early
@@ -172,7 +185,18 @@ def _toml_value(v: Any) -> str:
 
 _FIELDS = {f.name: f for f in dataclasses.fields(Recipe)}
 _MULT_FIELDS = {f.name for f in dataclasses.fields(LRMult)}
-_FLOAT = {"lr", "momentum", "weight_decay", "label_smoothing", "grad_clip", "augment_scale"}
+_FLOAT = {
+    "lr",
+    "momentum",
+    "weight_decay",
+    "label_smoothing",
+    "grad_clip",
+    "augment_scale",
+    "random_erasing",
+    "mixup",
+    "cutmix",
+    "ema",
+}
 _INT = {
     "epochs",
     "batch_size",
@@ -182,9 +206,12 @@ _INT = {
     "patience",
     "image_size",
     "seed",
+    "accum_steps",
 }
-_POSITIVE_INT = {"epochs", "batch_size"}
-_BOOL = {"augment"}
+_POSITIVE_INT = {"epochs", "batch_size", "accum_steps"}
+_BOOL: set[str] = set()
+# Recipes written before `augment` took a policy name said true / false.
+_LEGACY = {("augment", True): "light", ("augment", False): "none"}
 _STR = {"name", "description"} | set(CHOICES)
 
 
@@ -202,6 +229,10 @@ def _check(key: str, value: Any) -> Any:
             f"recipe key {key!r} must be {expected}, got {value!r}", f"fix it, e.g. --set {key}=..."
         )
 
+    if isinstance(value, bool) and (key, value) in _LEGACY:
+        return _LEGACY[key, value]
+    if key == "lr" and value == "auto":
+        return value  # resolved by the learning-rate range test before training (`lr-find`)
     if key in _BOOL:
         if not isinstance(value, bool):
             raise bad("true or false")
@@ -225,8 +256,10 @@ def _check(key: str, value: Any) -> Any:
             raise bad(f"a positive number up to {MAX_LR:g}")
         if value < 0:
             raise bad("a number >= 0")
-        if key in ("label_smoothing", "momentum") and value >= 1:
+        if key in ("label_smoothing", "momentum", "ema") and value >= 1:
             raise bad("a number in [0, 1)")
+        if key == "random_erasing" and value > 1:
+            raise bad("a probability in [0, 1]")
         if key == "augment_scale" and not 0 < value <= 1:
             raise bad("a number in (0, 1]")
         return float(value)
@@ -445,15 +478,17 @@ def _type_of(key: str) -> str:
     if CHOICES.get(key):
         return " | ".join(CHOICES[key])
     if key == "lr":
-        return f"number in (0, {MAX_LR:g}]"
+        return f"number in (0, {MAX_LR:g}] | auto"
     if key == "seed":
         return f"integer 0..{MAX_SEED}"
     if key in _POSITIVE_INT:
         return "integer >= 1"
     if key in _INT:
         return "integer >= 0"
-    if key in ("momentum", "label_smoothing"):
+    if key in ("momentum", "label_smoothing", "ema"):
         return "number in [0, 1)"
+    if key == "random_erasing":
+        return "number in [0, 1]"
     if key == "augment_scale":
         return "number in (0, 1]"
     if key in _FLOAT:

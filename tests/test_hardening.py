@@ -289,18 +289,16 @@ def test_the_resume_hint_is_shell_quoted(tmp_path):
     import signal
     from types import SimpleNamespace
 
-    from finetune.train.loop import Trainer
-    from finetune.train.signals import Interrupted
+    from finetune.train.loop import Progress, _interrupted
 
     root, run_dir = tmp_path / "my data; rm -rf ~", tmp_path / "runs/it's $HOME"
     fake = SimpleNamespace(
-        state=SimpleNamespace(epoch=0, batch=3),
+        progress=Progress(epoch=0, batch=3),
         folder=run_dir / "checkpoint",
+        dist=SimpleNamespace(main=True, world=1),
         ctx=SimpleNamespace(index=SimpleNamespace(root=root), run_dir=run_dir),
     )
-    with pytest.raises(Interrupted) as caught:
-        Trainer._raise_interrupted(fake, signal.SIGTERM)
-    command = caught.value.todo.removeprefix("continue with: ")
+    command = _interrupted(fake, signal.SIGTERM).todo.removeprefix("continue with: ")
     assert shlex.split(command) == ["finetune", "run", str(root), "--resume", str(run_dir)]
 
 

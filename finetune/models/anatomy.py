@@ -484,18 +484,33 @@ def _drop_head(model: nn.Module) -> None:
             if _has_params(model.get_submodule(path)):
                 _replace(model, path, nn.Identity())
         return
-    _drop_last_linear(model)
+    path = classifier_path(model)
+    if path is None:
+        raise BackboneError("cannot find the 1000-way classifier of this network", "use a timm model instead")
+    _replace(model, path, nn.Identity())
 
 
-def _drop_last_linear(model: nn.Module) -> None:
-    """Replace the final 1000-way nn.Linear of a torchvision-style model by Identity."""
+def classifier_path(model: nn.Module) -> str | None:
+    """The module path of the network's ImageNet classifier (what a new head replaces), or None.
+
+    The one place that finds it: timm names its own (`get_classifier`); a catalogue rule's
+    `head` part names it for torchvision and the classic nets; otherwise the last 1000-way
+    nn.Linear.
+    """
+    if hasattr(model, "get_classifier"):
+        classifier = model.get_classifier()
+        for name, module in model.named_modules():
+            if module is classifier and name:
+                return name
+    head = next((p for p in parts(model) or [] if p.name == "head"), None)
+    for path in head.modules if head is not None else ():
+        if _has_params(model.get_submodule(path)):
+            return path
     last = None
     for name, module in model.named_modules():
         if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES:
             last = name
-    if last is None:
-        raise BackboneError("cannot find the 1000-way classifier of this network", "use a timm model instead")
-    _replace(model, last, nn.Identity())
+    return last
 
 
 def _pool(x: torch.Tensor, pool: str) -> torch.Tensor:
@@ -677,8 +692,7 @@ def tap_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
                 found[name] = tuple(out.shape[1:])
 
             handles.append(model.get_submodule(part.tap).register_forward_hook(hook))
-    head = next((p for p in layout if p.name == "head"), None)
-    head_path = _head_path(model, head)
+    head_path = classifier_path(model)
     if head_path is not None:
 
         def pre(module, args):
@@ -696,20 +710,6 @@ def tap_shapes(model: nn.Module, input_size: int) -> dict[str, tuple[int, ...]]:
     if "pool" not in found:
         found["pool"] = tuple(out.shape[1:])
     return {name: found[name] for name in taps(model) if name in found}
-
-
-def _head_path(model: nn.Module, head: Part | None) -> str | None:
-    """The classifier layer whose input is the pooled pre-logits."""
-    if hasattr(model, "get_classifier"):  # timm knows its own classifier
-        for name, module in model.named_modules():
-            if module is model.get_classifier() and name:
-                return name
-    if head is None:
-        return None
-    for path in head.modules:
-        if _has_params(model.get_submodule(path)):
-            return path
-    return None
 
 
 @torch.no_grad()

@@ -219,17 +219,12 @@ def _trace(model: nn.Module, x: torch.Tensor) -> tuple[dict[str, _Record], int]:
 
 def classifier_params(model: nn.Module) -> set[str]:
     """Names of the parameters of the 1000-way ImageNet classifier, which a new head replaces."""
-    if hasattr(model, "get_classifier"):  # timm
-        head = model.get_classifier()
-        ids = {id(p) for p in head.parameters()} if isinstance(head, nn.Module) else set()
-        return {n for n, p in model.named_parameters() if id(p) in ids}
-    last = None
-    for name, module in model.named_modules():
-        if isinstance(module, nn.Linear) and module.out_features == IMAGENET_CLASSES:
-            last = name
-    if last is None:
+    from finetune.models.anatomy import classifier_path
+
+    path = classifier_path(model)
+    if path is None:
         return set()
-    return {f"{last}.{n}" for n, _ in model.get_submodule(last).named_parameters()}
+    return {f"{path}.{n}" for n, _ in model.get_submodule(path).named_parameters()}
 
 
 def stage_multipliers(stage_names: Sequence[str], recipe: Any) -> dict[str, float]:

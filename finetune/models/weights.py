@@ -126,7 +126,7 @@ def map_positional(model, state: dict) -> dict:
     return out
 
 
-def apply_state(model, state: dict, mapping: str = "name", ignore_head: bool = False) -> None:
+def apply_state(model, state: dict, mapping: str = "name") -> None:
     """Load `state` into `model` by name (strict, shape-checked) or by position."""
     if mapping == "positional":
         state = map_positional(model, state)
@@ -136,12 +136,6 @@ def apply_state(model, state: dict, mapping: str = "name", ignore_head: bool = F
     missing = [k for k in own if k not in state and not k.endswith(".num_batches_tracked")]
     unexpected = [k for k in state if k not in own]
     wrong = [k for k in own if k in state and tuple(own[k].shape) != tuple(state[k].shape)]
-    if ignore_head:
-        # Head tensors may legitimately differ (another class count); keep the model's own.
-        head = set(_head_names(model))
-        missing = [k for k in missing if k not in head]
-        wrong = [k for k in wrong if k not in head]
-        state = {k: v for k, v in state.items() if k not in head or k not in wrong}
     if wrong:
         k = wrong[0]
         raise WeightsError(
@@ -157,15 +151,6 @@ def apply_state(model, state: dict, mapping: str = "name", ignore_head: bool = F
             "use weights made for this backbone, or --weights-map positional if only the names differ",
         )
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=False)
-
-
-def _head_names(model) -> list[str]:
-    cfg = getattr(model, "pretrained_cfg", None) or {}
-    head = cfg.get("classifier")
-    if not head:
-        return []
-    heads = head if isinstance(head, (list, tuple)) else [head]
-    return [k for k in model.state_dict() if any(k.startswith(h + ".") for h in heads)]
 
 
 def packaged_file(model_name: str) -> tuple[PackagedWeights, str] | None:

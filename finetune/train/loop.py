@@ -258,7 +258,9 @@ def prepare(ctx: RunContext, model: Classifier, device: torch.device, dist: Dist
         fmt=fmt,
         train_pos=train_pos,
         dataset=ImageDataset(
-            ctx.index, train_pos, train_reader(ctx.preprocessing, recipe.augment, recipe.augment_scale)
+            ctx.index,
+            train_pos,
+            train_reader(ctx.preprocessing, recipe.augment != "none", recipe.augment_scale),
         ),
         sample_weights=class_w[labels] if recipe.balance == "sampler" else None,
         workers=default_workers() if ctx.options.workers is None else ctx.options.workers,
