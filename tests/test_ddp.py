@@ -251,7 +251,7 @@ def test_accumulated_steps_on_two_processes_train_the_one_large_batch_weights(cl
             pretrained=False,
             workers=0,
             device="cpu",
-            overrides=(*COMMON, *ACCUM, "batch_size=18", "lr=0.06"),
+            overrides=(*COMMON, "ema=0.5", "batch_size=18", "lr=0.06"),
             out=tmp_path / "one",
         ),
     )
