@@ -52,7 +52,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -97,6 +97,10 @@ from finetune.train.setup import (
     steps_per_epoch,
 )
 from finetune.train.signals import Interrupted, Signals
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -151,8 +155,8 @@ class Training:
     dataset: ImageDataset
     sample_weights: np.ndarray | None
     workers: int
-    mixup: Any = None  # timm.data.Mixup (recipe mixup / cutmix > 0): loss_fn then takes soft targets
-    ema: Any = None  # timm.utils.ModelEmaV3 (recipe ema > 0)
+    mixup: Mixup | None = None  # recipe mixup / cutmix > 0: loss_fn then takes soft targets
+    ema: ModelEmaV3 | None = None  # recipe ema > 0: the weight average
     progress: Progress = field(default_factory=Progress)
     best_weights: dict[str, torch.Tensor] | None = None
     best_file: str | None = None
@@ -371,13 +375,14 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[float, in
 
 
 def mix(t: Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """The step's targets: y itself without mixup; else x mixed in place by timm's `Mixup`, one
-    loader batch (`batch_size` images) at a time, and the (N, K) soft targets.
+    """The step's targets: y itself without mixup; else x mixed in place by timm's `Mixup`, in
+    chunks of `batch_size` images (the loader batches, unless one lost an undecodable image), and
+    the (N, K) soft targets.
 
-    timm mixes image i with image B-1-i of a batch, so an odd batch (an epoch's last one, or one
-    that lost an undecodable image) is not mixed: its targets are the label-smoothed one-hot rows,
-    and every image is still trained on. Mixup draws from numpy's global generator, seeded here
-    by (recipe seed, step, batch of the step, rank): a resumed run mixes exactly as before.
+    timm mixes image i with image B-1-i of a chunk, so an odd chunk (an epoch's last batch, say)
+    is not mixed: its targets are the label-smoothed one-hot rows, and every image is still
+    trained on. Mixup draws from numpy's global generator, seeded here by (recipe seed, step,
+    chunk of the step, rank): a resumed run mixes exactly as before.
     """
     if t.mixup is None:
         return y

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -28,6 +28,10 @@ from torch import nn
 from finetune.errors import TrainingError
 from finetune.models.classifier import Classifier
 from finetune.recipes import ROLES, Recipe, stage_roles
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +260,7 @@ def steps_per_epoch(n: int, recipe: Recipe, world: int) -> int:
 # --------------------------------------------------------------------------- mixup, loss, EMA
 
 
-def make_mixup(recipe: Recipe, n_classes: int):
+def make_mixup(recipe: Recipe, n_classes: int) -> Mixup | None:
     """timm's `Mixup` for the recipe's mixup / cutmix alphas (None when both are 0).
 
     One lambda per batch (timm's default "batch" mode); with both on, each batch is mixup or
@@ -291,7 +295,7 @@ def make_loss(recipe: Recipe, weight: torch.Tensor | None) -> nn.Module:
     return SoftTargetCrossEntropy()
 
 
-def make_ema(model: nn.Module, recipe: Recipe):
+def make_ema(model: nn.Module, recipe: Recipe) -> ModelEmaV3 | None:
     """timm's `ModelEmaV3` of `model` (parameters and buffers) for `recipe.ema` > 0, else None.
 
     Updated after every optimizer step with the step count, as timm's train.py does: the first
