@@ -5,7 +5,8 @@
 - A run preempted by SIGTERM mid-epoch and resumed ends with the weights of one never stopped.
 - A decision one rank would take alone (out of memory, a batch it cannot decode) is taken by all.
 - A rank that fails or hangs stops every rank within the process group's timeout, with one line.
-- 2 processes train the weights 1 process trains with the global batch (no BatchNorm: exact).
+- 2 processes train the weights 1 process trains with the global batch (no BatchNorm: exact), also
+  when each step accumulates 3 batches per process and keeps a weight average.
 
 Most commands run in one torchrun launch (`tests/ddp_driver.py`, a module fixture): a launch
 costs ~10 s of interpreter and torch start-up on a loaded 2-core machine.
@@ -42,6 +43,7 @@ DRIVER = ROOT / "tests" / "ddp_driver.py"
 COMMON = ("image_size=32", "epochs=2", "augment=false", 'init_head="random"', "label_smoothing=0.0")
 STRATEGIES = ("linear-probe", "stage-probe", "partial-finetune", "full-finetune", "auto")
 FINETUNES = ("partial-finetune", "full-finetune")
+ACCUM = ("accum_steps=3", "ema=0.5")
 
 
 def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
@@ -97,6 +99,12 @@ def cluster(tmp_path_factory):
     add(
         "convnext",
         ["run", data, *convnext, "--workers", "0", "--device", "cpu", "--out", tmp / "two", *sets],
+        ("c0", "c1"),
+    )
+    sets = [a for kv in (*COMMON, *ACCUM, "batch_size=3", "lr=0.01") for a in ("--set", kv)]
+    add(
+        "accum",
+        ["run", data, *convnext, "--workers", "0", "--device", "cpu", "--out", tmp / "accum", *sets],
         ("c0", "c1"),
     )
 
@@ -226,6 +234,36 @@ def test_two_gloo_processes_train_the_single_process_weights(cluster, tmp_path):
     )
     assert cluster["codes"]["convnext"] == 0 and "lr 0.01 x 2 = 0.02" in cluster["stderr"]
     a, b = _weights(single.run_dir), _weights(_one_run(cluster["tmp"] / "two"))
+    assert a.keys() == b.keys() and b["head.weight"].abs().sum() > 0
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)
+
+
+def test_accumulated_steps_on_two_processes_train_the_one_large_batch_weights(cluster, tmp_path):
+    """Each rank's 9 images as 3 batches of 3 accumulated into one step, on 2 processes, is one step
+    on all 18 images: the weights (and their average, which both validate alike) of one process
+    with a batch of 18 at the LR scaled by 2 processes x 3 batches."""
+    single = run(
+        RunOptions(
+            data=cluster["data"],
+            strategy="full-finetune",
+            backbone="test_convnext",
+            pretrained=False,
+            workers=0,
+            device="cpu",
+            overrides=(*COMMON, "ema=0.5", "batch_size=18", "lr=0.06"),
+            out=tmp_path / "one",
+        ),
+    )
+    assert cluster["codes"]["accum"] == 0
+    assert "2 processes, 3 batches per step: effective batch 18, lr 0.01 x 6 = 0.06" in cluster["stderr"]
+    two = _one_run(cluster["tmp"] / "accum")
+    metrics = json.loads((two / "metrics.json").read_text())
+    assert (
+        metrics["train"]["effective_batch"] == 18
+        and metrics["train"]["weights"] == single.metrics["train"]["weights"]
+    )
+    a, b = _weights(single.run_dir), _weights(two)
     assert a.keys() == b.keys() and b["head.weight"].abs().sum() > 0
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=1e-5, msg=k)

@@ -3,6 +3,7 @@
     pre = Preprocessing(input_size=224, crop_pct=0.875, mean=..., std=..., interpolation="bicubic")
     read = eval_reader(pre)            # path -> normalized (3, S, S) float32 tensor
     read = train_reader(pre)           # path -> randomly cropped and flipped (3, S, S) tensor
+    read = train_reader(pre, "randaugment", random_erasing=0.25)   # + timm's RandAugment and RandomErasing
     EvalTransform(pre)(pil_image)      # the same pixels from an image already in memory
     eval_array(pre, load_rgb(path))    # the same numbers as a numpy array, torch never imported
 
@@ -223,34 +224,85 @@ class EvalTransform:
         return torch.from_numpy(self.array(x))  # (3, S, S)
 
 
+def _randaugment(pre: Preprocessing) -> Any:
+    """timm's RandAugment `rand-m9-mstd0.5-inc1` (2 ops of magnitude ~9, increasing severity), with
+    the hyper-parameters timm's `create_transform` gives it: translation 45% of the image, fill the
+    dataset mean, and the weights' own interpolation."""
+    from timm.data.auto_augment import rand_augment_transform
+
+    hparams = {
+        "translate_const": int(pre.input_size * 0.45),
+        "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
+        "interpolation": FILTERS[pre.interpolation],
+    }
+    return rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
+
+
+def _trivialaugment(pre: Preprocessing) -> Any:
+    """torchvision's TrivialAugmentWide (one op of uniformly drawn magnitude), its defaults."""
+    from torchvision.transforms import TrivialAugmentWide
+
+    return TrivialAugmentWide()
+
+
+# What each `augment` policy adds to the random-resized crop + flip, on the PIL image (None: nothing).
+POLICIES: dict[str, Any] = {
+    "light": lambda pre: None,
+    "randaugment": _randaugment,
+    "trivialaugment": _trivialaugment,
+}
+
+
 class TrainTransform:
-    """Pixels -> augmented (3, S, S): random-resized crop + horizontal flip (ImageNet fine-tuning).
+    """Pixels -> augmented (3, S, S): random-resized crop + horizontal flip, then the policy's ops.
+
+    `augment` names the policy (`POLICIES`): "light" is the crop + flip alone (ImageNet
+    fine-tuning), "randaugment" adds timm's RandAugment, "trivialaugment" torchvision's
+    TrivialAugmentWide, both on the PIL image as timm's and torchvision's pipelines apply them;
+    "none" is the eval transform. `random_erasing` > 0 adds timm's `RandomErasing` (per-pixel
+    normal noise in a random box, with that probability) on the normalized tensor, after any policy.
 
     The crop is drawn inside the aspect guard by torchvision's `RandomResizedCrop.get_params`, cut
-    and resampled by the one resize (as torchvision's PIL `resized_crop`). Random numbers come from
-    torch's global generator, which the training loop seeds per sample. `augment=False`: the eval transform.
+    and resampled by the one resize (as torchvision's PIL `resized_crop`). Random numbers come
+    from torch's generator (crop, flip, TrivialAugment, erasing's noise), Python's `random` and
+    numpy's global generator (RandAugment, erasing's box): the training loop seeds all three per
+    sample, so an image's augmentation depends on its seed alone.
     """
 
-    def __init__(self, pre: Preprocessing, augment: bool = True, scale_min: float = 0.35) -> None:
+    def __init__(
+        self, pre: Preprocessing, augment: str = "light", scale_min: float = 0.35, random_erasing: float = 0.0
+    ) -> None:
+        if augment != "none" and augment not in POLICIES:
+            raise ValueError(f"augment must be none or one of {', '.join(POLICIES)}, got {augment!r}")
         self.eval = EvalTransform(pre)
         self.pre = pre
         self.augment = augment
+        self.policy = POLICIES[augment](pre) if augment != "none" else None
         self.scale = [scale_min, 1.0]
         self.ratio = [3.0 / 4.0, 4.0 / 3.0]
         self.normalize = self.eval.normalize
+        self.erase = None
+        if random_erasing > 0:
+            from timm.data.random_erasing import RandomErasing
+
+            self.erase = RandomErasing(random_erasing, mode="pixel", device="cpu")
 
     def __call__(self, x: Any) -> torch.Tensor:
+        x = self.eval(x) if self.augment == "none" else self._augmented(x)  # (3, S, S)
+        return self.erase(x) if self.erase is not None else x
+
+    def _augmented(self, x: Any) -> torch.Tensor:
         import torch
         from torchvision.transforms import RandomResizedCrop
 
-        if not self.augment:
-            return self.eval(x)
         im = guard(as_image(x))
         top, left, h, w = RandomResizedCrop.get_params(im, self.scale, self.ratio)
         im = im.crop((left, top, left + w, top + h))
         im = resize(im, (self.pre.input_size, self.pre.input_size), self.pre.interpolation)
         if torch.rand(1).item() < 0.5:
             im = im.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.policy is not None:
+            im = self.policy(im)
         return torch.from_numpy(self.normalize(im))  # (3, S, S)
 
 
@@ -274,10 +326,14 @@ def eval_reader(pre: Preprocessing, decoder: str | None = None) -> Reader:
 
 
 def train_reader(
-    pre: Preprocessing, augment: bool = True, scale_min: float = 0.35, decoder: str | None = None
+    pre: Preprocessing,
+    augment: str = "light",
+    scale_min: float = 0.35,
+    random_erasing: float = 0.0,
+    decoder: str | None = None,
 ) -> Reader:
-    """path -> augmented (3, S, S) tensor (see `TrainTransform`)."""
-    return Reader(TrainTransform(pre, augment, scale_min), decoder)
+    """path -> augmented (3, S, S) tensor with the named policy (see `TrainTransform`)."""
+    return Reader(TrainTransform(pre, augment, scale_min, random_erasing), decoder)
 
 
 class ArrayReader:

@@ -1,9 +1,9 @@
 """Checkpoints of a fine-tuning run: a crash never loses the last good one; nothing is unpickled.
 
-    meta, tensors = encode_state(model, optimizer, scheduler, scaler)   # state dicts -> JSON + tensors
+    meta, tensors = encode_state(model, optimizer, scheduler, scaler, ema)   # state dicts -> JSON + tensors
     save_checkpoint(run_dir / "checkpoint", meta | progress, tensors, best)   # state-N, then checkpoint.json
     meta, tensors, best = load_checkpoint(run_dir / "checkpoint", dist)   # rank 0 reads, every rank gets it
-    decode_state(meta, tensors, model, optimizer, scheduler, scaler)
+    decode_state(meta, tensors, model, optimizer, scheduler, scaler, ema)
     opts, recipe = resume_options(opts, dist)                           # what the run started with
 
 Tensors go to safetensors files; everything else (optimizer hyper-parameters, progress, the
@@ -70,11 +70,16 @@ def _decode(obj: Any, tensors: dict[str, torch.Tensor]) -> Any:
     return obj
 
 
-def encode_state(model, optimizer, scheduler, scaler=None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(JSON-able meta, tensors) of everything that moves while training, RNG states included."""
+def encode_state(model, optimizer, scheduler, scaler=None, ema=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(JSON-able meta, tensors) of everything that moves while training, RNG states included.
+
+    `ema`: timm's `ModelEmaV3`, whose averaged weights are saved beside the model's.
+    """
     import torch
 
     tensors: dict[str, torch.Tensor] = {f"model.{k}": v for k, v in model.state_dict().items()}
+    if ema is not None:
+        tensors |= {f"ema.{k}": v for k, v in ema.module.state_dict().items()}
     meta = {
         "optimizer": _encode(optimizer.state_dict(), "optim", tensors),
         "scheduler": _encode(scheduler.state_dict(), "sched", tensors),
@@ -87,11 +92,14 @@ def encode_state(model, optimizer, scheduler, scaler=None) -> tuple[dict, dict[s
     return meta, tensors
 
 
-def decode_state(meta: dict, tensors: dict, model, optimizer, scheduler, scaler=None) -> None:
-    """Load what `encode_state` saved into the (freshly built) model, optimizer, scheduler and scaler."""
+def decode_state(meta: dict, tensors: dict, model, optimizer, scheduler, scaler=None, ema=None) -> None:
+    """Load what `encode_state` saved into the (freshly built) model, optimizer, scheduler, scaler
+    and weight average."""
     import torch
 
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    if ema is not None:
+        ema.module.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("ema.")})
     optimizer.load_state_dict(_decode(meta["optimizer"], tensors))
     scheduler.load_state_dict(_decode(meta["scheduler"], tensors))
     if scaler is not None and meta.get("scaler"):

@@ -8,11 +8,19 @@
 
 `run_finetune` reads top to bottom: cut the backbone at its pooled layer and put a new
 `nn.Linear` head on it, seeded by a linear probe (LP-FT, `probe.linear.lpft_head`) unless
-`init_head = "random"`; `prepare` the frozen stages, BatchNorm policy, optimizer groups and
-schedule (`setup.py`); `fit` epochs of `train_step` (one optimizer step: micro-batches, backward,
-gradients averaged over processes, clipping, AMP on CUDA) and `end_epoch` (validate, keep the
-best weights, checkpoint, early stop); then the best epoch's metrics. To add to a step (mixup,
-EMA, accumulation), edit `train_step`; `Training` holds what it works on.
+`init_head = "random"`; `prepare` the frozen stages, BatchNorm policy, optimizer groups,
+schedule, mixup, loss and weight average (`setup.py`); `fit` epochs of `train_epoch` and
+`end_epoch` (validate, keep the best weights, checkpoint, early stop); then the best epoch's
+metrics. `Training` holds what a step works on; to add to a step, edit `train_step`.
+
+One optimizer step (`train_step`) takes `accum_steps` loader batches, concatenated: timm's
+`Mixup` mixes each batch (seeded by the recipe's seed, the step and the batch), then the
+forward and backward run batch by batch (or in smaller micro-batches after an out-of-memory
+error), each loss weighted by its share of the step's images, so the gradient is the mean over
+all of them; then the gradients are averaged over processes, clipped, the optimizer and the
+schedule step, and timm's `ModelEmaV3` (`ema` > 0) takes the new weights into its average.
+`end_epoch` validates the raw and the averaged weights; the better is the one kept and saved
+(metrics.json `train.weights` and config.json `extra.weights` say which).
 
 Under torchrun every rank runs the same code on its shard (`setup.epoch_plan`), and every
 decision that changes control flow is voted once per batch with one all-reduce: a batch in which
@@ -22,9 +30,12 @@ diverging loss stops all. So every rank takes the same optimizer steps and enter
 collectives; a rank that dies or hangs stops the others at the process group's timeout.
 
 Checkpoints (`checkpoint.py`) after every epoch and on SIGINT/SIGTERM (`signals.py`): the
-state tensors, then `checkpoint.json` with the progress and what defines every rank's sample
-order (epoch, seed, world size). A resumed run rebuilds that order and skips the batches done:
-on CPU with `--workers 0`, interrupted + resumed == uninterrupted, bit for bit, 1 or N processes.
+state tensors (the weight average's too), then `checkpoint.json` with the progress and what
+defines every rank's sample order (epoch, seed, world size). A run stopped between the batches of
+one step is saved at the step's first batch (those batches are taken again). A resumed run
+rebuilds the order, the per-sample augmentation seeds and the per-step mixup seeds, and skips the
+batches done: on CPU with `--workers 0`, interrupted + resumed == uninterrupted, bit for bit,
+1 or N processes.
 """
 
 from __future__ import annotations
@@ -34,12 +45,14 @@ import dataclasses
 import io
 import logging
 import math
+import random
 import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -69,18 +82,25 @@ from finetune.train.checkpoint import (
 from finetune.train.setup import (
     OPTIMIZERS,
     amp_for,
-    batches_per_epoch,
     batchnorm_policy,
     class_weights,
     epoch_plan,
     for_world,
     freeze,
     frozen_names,
+    make_ema,
+    make_loss,
+    make_mixup,
     make_scheduler,
     param_groups,
     set_train_mode,
+    steps_per_epoch,
 )
 from finetune.train.signals import Interrupted, Signals
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -102,8 +122,9 @@ class Progress:
     batches_seen: int = 0  # training batches over the run
     best: list[float] = field(default_factory=lambda: [-1.0, -math.inf])  # (val accuracy, -val loss)
     best_epoch: int = 0
+    best_kind: str = "raw"  # which weights are the best: "raw" (trained) or "ema" (their average)
     bad_epochs: int = 0
-    micro: int = 1  # micro-batches per batch: doubled (on every rank) after an out-of-memory error
+    micro: int = 1  # micro-batches per loader batch: doubled (on every rank) after an out-of-memory error
     saves: int = 0
     loss_start: float | None = None  # the first step's mean loss, and a running average since:
     loss_avg: float | None = None  # divergence is the average rising far above the start
@@ -134,6 +155,8 @@ class Training:
     dataset: ImageDataset
     sample_weights: np.ndarray | None
     workers: int
+    mixup: Mixup | None = None  # recipe mixup / cutmix > 0: loss_fn then takes soft targets
+    ema: ModelEmaV3 | None = None  # recipe ema > 0: the weight average
     progress: Progress = field(default_factory=Progress)
     best_weights: dict[str, torch.Tensor] | None = None
     best_file: str | None = None
@@ -191,7 +214,10 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
         "device": str(device),
         "amp": str(t.amp_dtype).replace("torch.", "") if t.amp_dtype else "off",
         "world_size": dist.world,
+        "accum_steps": t.recipe.accum_steps,
+        "effective_batch": t.recipe.batch_size * t.recipe.accum_steps * dist.world,
         "micro_batches": p.micro,
+        "weights": p.best_kind,
         "groups": [
             {"name": g["name"], "lr": g.get("initial_lr", g["lr"]), "params": len(g["params"])}
             for g in t.optimizer.param_groups
@@ -201,6 +227,7 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
     }
     extra = {"probe_head": probe} if probe else {}
     extra["device"] = str(device)
+    extra["weights"] = p.best_kind  # "ema" when the weight average validated better than the raw weights
     return Outcome(t.model.state_dict(), "pool", "finetune", metrics, predictions, extra)
 
 
@@ -220,7 +247,8 @@ def seed_head(ctx: RunContext, trunk: nn.Module, head: nn.Linear, device: torch.
 
 
 def prepare(ctx: RunContext, model: Classifier, device: torch.device, dist: Dist) -> Training:
-    """Freeze, BatchNorm policy, rank 0's weights on every rank, optimizer groups, schedule, data."""
+    """Freeze, BatchNorm policy, rank 0's weights on every rank, optimizer groups, schedule, mixup,
+    loss, weight average, data."""
     recipe = for_world(ctx.recipe, dist.world)
     freeze(model, frozen_names(stages(model.trunk), recipe))
     model, frozen_norms = batchnorm_policy(model, recipe, device, dist.world)
@@ -233,7 +261,7 @@ def prepare(ctx: RunContext, model: Classifier, device: torch.device, dist: Dist
     optimizer = OPTIMIZERS[recipe.optimizer](groups, recipe)
     amp_dtype, needs_scaler = amp_for(device)
     train_pos = ctx.positions("train")
-    per_epoch = batches_per_epoch(len(train_pos), recipe.batch_size, dist.world)
+    per_epoch = steps_per_epoch(len(train_pos), recipe, dist.world)
     scheduler = make_scheduler(
         optimizer, recipe.epochs * per_epoch, recipe.warmup_epochs * per_epoch, recipe.schedule
     )
@@ -249,7 +277,7 @@ def prepare(ctx: RunContext, model: Classifier, device: torch.device, dist: Dist
         optimizer=optimizer,
         scheduler=scheduler,
         scaler=torch.amp.GradScaler("cuda") if needs_scaler else None,
-        loss_fn=nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing),
+        loss_fn=make_loss(recipe, weight),
         recipe=recipe,
         device=device,
         dist=dist,
@@ -260,10 +288,12 @@ def prepare(ctx: RunContext, model: Classifier, device: torch.device, dist: Dist
         dataset=ImageDataset(
             ctx.index,
             train_pos,
-            train_reader(ctx.preprocessing, recipe.augment != "none", recipe.augment_scale),
+            train_reader(ctx.preprocessing, recipe.augment, recipe.augment_scale, recipe.random_erasing),
         ),
         sample_weights=class_w[labels] if recipe.balance == "sampler" else None,
         workers=default_workers() if ctx.options.workers is None else ctx.options.workers,
+        mixup=make_mixup(recipe, len(ctx.index.classes)),
+        ema=make_ema(model, recipe),  # a copy of rank 0's weights, as every rank's
     )
 
 
@@ -289,23 +319,29 @@ def fit(t: Training, on_batch: OnBatch | None = None) -> None:
 
 
 def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
-    """One optimizer step on this rank's batch (x (B, 3, H, W), y (B,)).
+    """One optimizer step on this rank's images of the step (x (N, 3, H, W), y (N,) class indices).
 
-    Returns (summed loss, correct, images) over every rank. Collectives: one all-reduce of what
-    each rank's backward gave (out of memory? loss, correct, count), then the gradient average.
+    N is up to batch_size x accum_steps: the step's loader batches, concatenated. Each batch of
+    `batch_size` is mixed (`mix`), then forward and backward run batch by batch, in
+    `progress.micro` pieces each, the losses weighted to the mean over the N images. Returns
+    (summed loss, correct, images) over every rank; correct compares the argmax with the hard
+    labels, also under mixup. Collectives: one all-reduce of what each rank's backward gave (out
+    of memory? loss, correct, count), then the gradient average.
     """
     p, dist = t.progress, t.dist
+    target = mix(t, x, y)  # once: a retry after an out-of-memory error trains on the same mixed images
     while True:
         t.optimizer.zero_grad(set_to_none=True)
+        piece = _piece_size(t)
         try:
-            loss_sum, correct = _forward_backward(t, x, y)
+            loss_sum, correct = _forward_backward(t, x, y, target, piece)
             oom = 0.0
         except _OOM:
             t.optimizer.zero_grad(set_to_none=True)
             if t.device.type == "cuda":
                 torch.cuda.empty_cache()
             loss_sum, correct, oom = torch.zeros(()), torch.zeros(()), 1.0
-        at_one = float(oom > 0 and p.micro * 2 > len(y))
+        at_one = float(oom > 0 and piece == 1)
         votes = all_sum([oom, at_one, float(loss_sum), float(correct), float(len(y))], dist, t.device)
         if votes[1] > 0:
             raise TrainingError(
@@ -315,8 +351,8 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[float, in
         if votes[0] > 0:  # some rank ran out of memory: every rank retries in halves
             p.micro *= 2
             log.info(
-                f"out of GPU memory: retrying with batches of {math.ceil(len(y) / p.micro)} images "
-                f"({p.micro} per step, so the effective batch stays {len(y)})"
+                f"out of GPU memory: retrying with batches of {_piece_size(t)} images "
+                f"({p.micro} per batch, so the effective batch stays {len(y)})"
             )
             continue
         total, n_correct, n = votes[2], votes[3], votes[4]
@@ -333,20 +369,59 @@ def train_step(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[float, in
             t.optimizer.step()
         t.scheduler.step()
         p.step += 1
+        if t.ema is not None:
+            t.ema.update(t.model, step=p.step)  # every rank has the same weights, so the same average
         return total, int(n_correct), int(n)
 
 
-def _forward_backward(t: Training, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Gradients of this rank's mean loss, in `progress.micro` pieces; no collective. (loss sum, correct)."""
-    micro = t.progress.micro
+def mix(t: Training, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """The step's targets: y itself without mixup; else x mixed in place by timm's `Mixup`, in
+    chunks of `batch_size` images (the loader batches, unless one lost an undecodable image), and
+    the (N, K) soft targets.
+
+    timm mixes image i with image B-1-i of a chunk, so an odd chunk (an epoch's last batch, say)
+    is not mixed: its targets are the label-smoothed one-hot rows, and every image is still
+    trained on. Mixup draws from numpy's global generator, seeded here by (recipe seed, step,
+    chunk of the step, rank): a resumed run mixes exactly as before.
+    """
+    if t.mixup is None:
+        return y
+    from timm.data.mixup import mixup_target
+
+    size, rank, k = t.recipe.batch_size, t.dist.rank, t.mixup.num_classes
+    targets = []
+    for i, (xs, ys) in enumerate(zip(x.split(size), y.split(size), strict=True)):
+        if len(ys) % 2:
+            targets.append(mixup_target(ys, k, 1.0, t.mixup.label_smoothing))  # (b, K)
+            continue
+        seed = np.random.SeedSequence([t.recipe.seed, t.progress.step, i, rank]).generate_state(1)[0]
+        with seeded_rngs(int(seed)):
+            targets.append(t.mixup(xs, ys)[1])  # xs is a view: x is mixed in place; (b, K)
+    return torch.cat(targets)
+
+
+def _piece_size(t: Training) -> int:
+    """Images per forward: a loader batch, halved `log2(progress.micro)` times after running out of memory."""
+    return math.ceil(t.recipe.batch_size / t.progress.micro)
+
+
+def _forward_backward(
+    t: Training, x: torch.Tensor, y: torch.Tensor, target: torch.Tensor, piece: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of this rank's mean loss over x, `piece` images per forward; no collective.
+
+    `target` is what the loss takes (y, or mixup's (N, K) soft targets); accuracy counts against y.
+    Returns (loss sum, correct).
+    """
     amp = torch.autocast(t.device.type, dtype=t.amp_dtype) if t.amp_dtype else nullcontext()
     total = torch.zeros((), device=t.device)
     correct = torch.zeros((), dtype=torch.long, device=t.device)
-    for xs, ys in zip(x.chunk(micro), y.chunk(micro), strict=True):
+    pieces = list(zip(x.split(piece), y.split(piece), target.split(piece), strict=True))
+    for xs, ys, ts in pieces:
         with amp:
             logits = t.forward(xs)  # (b, K)
-        loss = t.loss_fn(logits.float(), ys)
-        scaled = loss * (len(ys) / len(y)) if micro > 1 else loss
+        loss = t.loss_fn(logits.float(), ts)
+        scaled = loss * (len(ys) / len(y)) if len(pieces) > 1 else loss  # the sum is the mean over x
         (t.scaler.scale(scaled) if t.scaler else scaled).backward()
         total += loss.detach() * len(ys)
         correct += (logits.detach().argmax(1) == ys).sum()
@@ -379,7 +454,8 @@ def _check_loss(t: Training, mean: float) -> None:
 
 def _too_high(t: Training, what: str) -> TrainingError:
     lr, now = t.ctx.recipe.lr, t.optimizer.param_groups[0]["lr"]
-    scaled = f", x {t.dist.world} processes" if t.dist.world > 1 else ""
+    factor = t.dist.world * t.recipe.accum_steps
+    scaled = f", x {factor} for the effective batch" if factor > 1 else ""
     return TrainingError(
         f"{what}: the learning rate is likely too high (lr = {lr:g}{scaled}, now {now:g})",
         f"lower it, e.g. --set lr={lr / 10:g}",
@@ -390,12 +466,18 @@ def _too_high(t: Training, what: str) -> TrainingError:
 
 
 def train_epoch(t: Training, signals: Signals, on_batch: OnBatch | None = None) -> int | None:
-    """Train the rest of the current epoch; the signal that stopped it (nothing saved yet), or None."""
+    """Train the rest of the current epoch; the signal that stopped it (nothing saved yet), or None.
+
+    Every `accum_steps` loader batches (and the epoch's last ones) make one `train_step`. A signal
+    between the batches of a step stops before that step: `progress.batch` goes back to its first
+    batch, so a checkpoint (and a resume) never holds half a step.
+    """
     p, recipe, dist = t.progress, t.recipe, t.dist
     order, seeds = epoch_plan(len(t.train_pos), p.epoch, recipe, dist.world, dist.rank, t.sample_weights)
     set_train_mode(t.model, t.frozen_norms)
     start = p.batch * recipe.batch_size
     rest = order[start:]
+    n_batches = math.ceil(len(order) / recipe.batch_size)  # the same on every rank
     slots = _worker_slots(t.workers)
     dataset = _SeededDataset(t.dataset, seeds, slots)
     loader = make_loader(
@@ -406,6 +488,7 @@ def train_epoch(t: Training, signals: Signals, on_batch: OnBatch | None = None) 
         seed=recipe.seed,
     )
     it = iter(loader)
+    group: list[tuple[torch.Tensor, torch.Tensor]] = []  # the (x, y) batches of the step so far
     with (
         progress_bar(f"epoch {p.epoch + 1}/{recipe.epochs}", total=len(order), unit="img") as bar,
         _worker_crash_names_the_file(t, it, slots),
@@ -418,22 +501,36 @@ def train_epoch(t: Training, signals: Signals, on_batch: OnBatch | None = None) 
             # batch is not counted; a resume takes it again); no image anywhere skips it for all.
             stop, skip = vote(t, signals, empty=x is None)
             if stop is not None:
+                undone = p.batch % recipe.accum_steps  # batches of a step not taken: taken again
+                p.batch -= undone
+                p.batches_seen -= undone
                 p.running["seconds"] += time.perf_counter() - t0
                 return stop
             if not skip:
-                x = x.to(t.device, non_blocking=True).contiguous(memory_format=t.fmt)
-                y = y.to(t.device, non_blocking=True)
-                loss, correct, n = train_step(t, x, y)
-                p.running["loss"] += loss
-                p.running["correct"] += correct
-                p.running["seen"] += n
+                group.append((x, y))
             p.batch += 1
             p.batches_seen += 1
+            if p.batch % recipe.accum_steps == 0 or p.batch == n_batches:
+                if group:  # (empty when every batch of the step was skipped, on every rank alike)
+                    _step(t, group)
+                group = []
             bar.advance(len(bad) + (0 if x is None else len(x)))
             if on_batch is not None:
                 on_batch(p)
         p.running["seconds"] += time.perf_counter() - t0
     return vote(t, signals)[0]  # a signal during the last batch: no validation pass after it
+
+
+def _step(t: Training, group: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """`train_step` on a step's loader batches, concatenated; its loss and accuracy into the running sums."""
+    x = group[0][0] if len(group) == 1 else torch.cat([b[0] for b in group])  # (N, 3, H, W)
+    y = group[0][1] if len(group) == 1 else torch.cat([b[1] for b in group])  # (N,)
+    x = x.to(t.device, non_blocking=True).contiguous(memory_format=t.fmt)
+    y = y.to(t.device, non_blocking=True)
+    loss, correct, n = train_step(t, x, y)
+    t.progress.running["loss"] += loss
+    t.progress.running["correct"] += correct
+    t.progress.running["seen"] += n
 
 
 def vote(t: Training, signals: Signals, empty: bool = False) -> tuple[int | None, bool]:
@@ -448,9 +545,13 @@ def vote(t: Training, signals: Signals, empty: bool = False) -> tuple[int | None
 
 
 @torch.inference_mode()
-def predict(t: Training, positions: list[int], batch_size: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(positions, labels, softmax (N, K)) of the decodable images, in eval mode, this rank alone."""
-    t.model.eval()
+def predict(
+    t: Training, positions: list[int], batch_size: int, model: nn.Module | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(positions, labels, softmax (N, K)) of the decodable images by `model` (default: the trained
+    one; or the weight average), in eval mode, this rank alone."""
+    model = t.model if model is None else model
+    model.eval()
     ds = ImageDataset(t.ctx.index, positions, eval_reader(t.ctx.preprocessing))
     loader = make_loader(ds, batch_size, min(t.workers, max(0, len(ds) // batch_size)))
     pos, ys, probs = [], [], []
@@ -460,7 +561,7 @@ def predict(t: Training, positions: list[int], batch_size: int) -> tuple[np.ndar
         if x is None:
             continue
         with amp:
-            out = t.model(x.to(t.device).contiguous(memory_format=t.fmt))  # (B, K)
+            out = model(x.to(t.device).contiguous(memory_format=t.fmt))  # (B, K)
         probs.append(torch.softmax(out.float(), 1).cpu().numpy())
         ys.append(y.numpy())
         pos.append(p.numpy())
@@ -470,10 +571,11 @@ def predict(t: Training, positions: list[int], batch_size: int) -> tuple[np.ndar
     return np.concatenate(pos), np.concatenate(ys), np.concatenate(probs)
 
 
-def validate(t: Training) -> tuple[float, float]:
-    """(accuracy, mean loss) on the validation split; under torchrun each rank takes a shard."""
+def validate(t: Training, model: nn.Module | None = None) -> tuple[float, float]:
+    """(accuracy, mean loss) of `model` (default: the trained one) on the validation split; under
+    torchrun each rank takes a shard."""
     val = t.ctx.positions("val")[t.dist.rank :: t.dist.world]
-    _, y, p = predict(t, val, t.recipe.batch_size)
+    _, y, p = predict(t, val, t.recipe.batch_size, model)
     nll = -np.log(np.clip(p[np.arange(len(y)), y], 1e-12, None)).sum() if len(y) else 0.0
     correct = float((p.argmax(1) == y).sum()) if len(y) else 0.0
     n, correct, nll = all_sum([float(len(y)), correct, float(nll)], t.dist, t.device)
@@ -481,7 +583,11 @@ def validate(t: Training) -> tuple[float, float]:
 
 
 def end_epoch(t: Training) -> None:
-    """Validate, keep the best weights, log, checkpoint; sets `finished` at the last epoch or early stop.
+    """Validate (the raw weights, and their average with `ema`), keep the best weights, log,
+    checkpoint; sets `finished` at the last epoch or early stop.
+
+    The better of raw and average (validation accuracy, then loss) is this epoch's score; the best
+    epoch's better weights are what the run saves (`progress.best_kind` says which).
 
     Raises:
         TrainingError: the validation loss is not finite (such a model is never kept as the best).
@@ -504,17 +610,26 @@ def end_epoch(t: Training) -> None:
         "img_per_s": run["seen"] / max(run["seconds"], 1e-9),
         "seconds": run["seconds"],
     }
+    kind, score, model = "raw", [acc, -vloss], t.model
+    if t.ema is not None:
+        broadcast_tensors(list(t.ema.module.buffers()), t.dist)
+        ema_acc, ema_loss = validate(t, t.ema.module)
+        row |= {"ema_val_loss": ema_loss, "ema_val_accuracy": ema_acc}
+        if math.isfinite(ema_loss) and [ema_acc, -ema_loss] > score:
+            kind, score, model = "ema", [ema_acc, -ema_loss], t.ema.module
     p.history.append(row)
-    improved = [acc, -vloss] > p.best
+    improved = score > p.best
     if improved:
-        p.best, p.best_epoch, p.bad_epochs = [acc, -vloss], p.epoch + 1, 0
-        t.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()}
+        p.best, p.best_epoch, p.best_kind, p.bad_epochs = score, p.epoch + 1, kind, 0
+        t.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
     else:
         p.bad_epochs += 1
+    ema = f" (ema loss {row['ema_val_loss']:.4f} acc {row['ema_val_accuracy']:.3f})" if t.ema else ""
+    best = (f" | best ({kind})" if t.ema else " | best") if improved else ""
     log.info(
         f"epoch {row['epoch']}/{recipe.epochs}: train loss {row['train_loss']:.4f} "
-        f"acc {row['train_accuracy']:.3f} | val loss {vloss:.4f} acc {acc:.3f} | "
-        f"{row['img_per_s']:.1f} img/s{' | best' if improved else ''}"
+        f"acc {row['train_accuracy']:.3f} | val loss {vloss:.4f} acc {acc:.3f}{ema} | "
+        f"{row['img_per_s']:.1f} img/s{best}"
     )
     p.epoch += 1
     p.batch = 0
@@ -538,7 +653,7 @@ def save(t: Training, best_changed: bool) -> None:
         return
     ctx, opts, p = t.ctx, t.ctx.options, t.progress
     p.saves += 1  # a fresh file name: the committed checkpoint is never overwritten
-    meta, tensors = encode_state(t.model, t.optimizer, t.scheduler, t.scaler)
+    meta, tensors = encode_state(t.model, t.optimizer, t.scheduler, t.scaler, t.ema)
     meta |= {
         **dataclasses.asdict(p),
         "recipe": ctx.recipe.to_dict(),  # as written (unscaled), for --resume
@@ -574,7 +689,7 @@ def restore(t: Training) -> None:
             "the data changed since this run started (other classes or training files)",
             "resume on the same folder, or start a new run",
         )
-    decode_state(meta, tensors, t.model, t.optimizer, t.scheduler, t.scaler)
+    decode_state(meta, tensors, t.model, t.optimizer, t.scheduler, t.scaler, t.ema)
     fields = {f.name for f in dataclasses.fields(Progress)}
     t.progress = Progress(**{k: v for k, v in meta.items() if k in fields})
     t.best_weights = best
@@ -663,7 +778,8 @@ def _note_bad(t: Training, bad: dict[int, str]) -> None:
 
 
 class _SeededDataset:
-    """ImageDataset whose random augmentation of item i is seeded by seeds[i] (not by the global RNG).
+    """ImageDataset whose random augmentation of item i is seeded by seeds[i] (`seeded_rngs`), not by
+    the global generators.
 
     That makes a sample's crop independent of worker count, batch position and resumes.
     Decode workers ignore SIGINT and SIGTERM: Ctrl-C reaches the terminal's whole process group,
@@ -686,9 +802,25 @@ class _SeededDataset:
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
         if info is not None and self.slots is not None:
             self.slots[info.id] = i  # which file this worker reads now: named if the worker dies
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(self.seeds[i]))
+        with seeded_rngs(int(self.seeds[i])):
             return self.base[i]
+
+
+@contextmanager
+def seeded_rngs(seed: int) -> Iterator[None]:
+    """torch's CPU generator, Python's `random` and numpy's global generator seeded with `seed`
+    inside, and given back their states after: augmentation draws from all three (torchvision
+    from torch; timm's RandAugment, RandomErasing and Mixup from `random` and numpy)."""
+    py, npy = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        random.seed(seed)
+        np.random.seed(seed)
+        try:
+            yield
+        finally:
+            random.setstate(py)
+            np.random.set_state(npy)
 
 
 @contextmanager

@@ -1,12 +1,14 @@
 """Before the first step: what trains, at which LR, with which BatchNorm statistics, in which order.
 
-    recipe = for_world(recipe, world)                      # lr x processes; refuses what torchrun cannot do
+    recipe = for_world(recipe, world)                      # lr x (processes x accum_steps)
     freeze(model, frozen_names(stages, recipe))            # stages with multiplier 0: no gradient
     model, norms = batchnorm_policy(model, recipe, device, world)   # BatchNorm layers kept in eval mode
     groups = param_groups(stages, recipe, dict(trunk.named_parameters()), head_params)
     optimizer = OPTIMIZERS[recipe.optimizer](groups, recipe)
     scheduler = make_scheduler(optimizer, total_steps, warmup_steps, recipe.schedule)
     order, seeds = epoch_plan(n, epoch, recipe, world, rank)   # this rank's images of one epoch
+    mixup, loss_fn = make_mixup(recipe, k), make_loss(recipe, class_weight)   # timm's Mixup + soft loss
+    ema = make_ema(model, recipe)                          # timm's ModelEmaV3, or None
 
 Each is a small pure function of the model, the recipe and the world size, tested on tiny models
 in milliseconds; the training loop never decides a learning rate or a sample order itself.
@@ -17,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -26,6 +28,10 @@ from torch import nn
 from finetune.errors import TrainingError
 from finetune.models.classifier import Classifier
 from finetune.recipes import ROLES, Recipe, stage_roles
+
+if TYPE_CHECKING:
+    from timm.data import Mixup
+    from timm.utils import ModelEmaV3
 
 log = logging.getLogger(__name__)
 
@@ -38,26 +44,30 @@ OPTIMIZERS = {
 
 
 def for_world(recipe: Recipe, world: int) -> Recipe:
-    """The recipe as `world` processes run it: the batch is per process, so the LR scales with it.
+    """The recipe as `world` processes run it: the LR scales with the effective batch.
 
-    The recipe's `lr` is for one process; under torchrun the global batch is batch_size x world,
-    and the LR is scaled linearly with it (lr x world), as the recipes say.
+    The recipe's `lr` is for one batch of `batch_size` images; one optimizer step sees
+    batch_size x accum_steps x world of them, and the LR is scaled linearly with that
+    (lr x accum_steps x world), as the recipes say.
 
     Raises:
         TrainingError: balance = "sampler" with several processes (each would draw its own sample).
     """
-    if world == 1:
+    factor = world * recipe.accum_steps
+    if factor == 1:
         return recipe
-    if recipe.balance == "sampler":
+    if world > 1 and recipe.balance == "sampler":
         raise TrainingError(
             'balance = "sampler" is not supported under torchrun',
             "use --set balance=weights (a class-weighted loss) with several processes",
         )
+    parts = [f"{world} processes"] if world > 1 else []
+    parts += [f"{recipe.accum_steps} batches per step"] if recipe.accum_steps > 1 else []
     log.info(
-        f"torchrun: {world} processes, global batch {recipe.batch_size * world}, "
-        f"lr {recipe.lr:g} x {world} = {recipe.lr * world:g}"
+        f"{', '.join(parts)}: effective batch {recipe.batch_size * factor}, "
+        f"lr {recipe.lr:g} x {factor} = {recipe.lr * factor:g}"
     )
-    return dataclasses.replace(recipe, lr=recipe.lr * world)
+    return dataclasses.replace(recipe, lr=recipe.lr * factor)
 
 
 def lr_factor(step: int, total: int, warmup: int, schedule: str = "cosine") -> float:
@@ -240,3 +250,62 @@ def batches_per_epoch(n: int, batch_size: int, world: int) -> int:
     if per_rank % batch_size == 1 and per_rank > 1:
         per_rank -= 1
     return math.ceil(per_rank / batch_size)
+
+
+def steps_per_epoch(n: int, recipe: Recipe, world: int) -> int:
+    """Optimizer steps per epoch: one per `accum_steps` batches, and one for the epoch's rest."""
+    return math.ceil(batches_per_epoch(n, recipe.batch_size, world) / recipe.accum_steps)
+
+
+# --------------------------------------------------------------------------- mixup, loss, EMA
+
+
+def make_mixup(recipe: Recipe, n_classes: int) -> Mixup | None:
+    """timm's `Mixup` for the recipe's mixup / cutmix alphas (None when both are 0).
+
+    One lambda per batch (timm's default "batch" mode); with both on, each batch is mixup or
+    cutmix with even odds. The recipe's label smoothing is folded into the mixed targets.
+    """
+    if recipe.mixup <= 0 and recipe.cutmix <= 0:
+        return None
+    from timm.data import Mixup
+
+    return Mixup(
+        mixup_alpha=recipe.mixup,
+        cutmix_alpha=recipe.cutmix,
+        label_smoothing=recipe.label_smoothing,
+        num_classes=n_classes,
+    )
+
+
+def make_loss(recipe: Recipe, weight: torch.Tensor | None) -> nn.Module:
+    """The training loss: cross-entropy, class-weighted when `weight` is given (balance = "weights").
+
+    Without mixup: hard labels, the recipe's label smoothing. With mixup / cutmix the targets are
+    soft (B, K) rows and already smoothed: timm's `SoftTargetCrossEntropy`, or with class weights
+    torch's cross-entropy on probability targets, mean over images of -sum_k w_k t_k log p_k (the
+    same loss with every w_k = 1; a mixed image counts each class's weight by its share).
+    """
+    if recipe.mixup <= 0 and recipe.cutmix <= 0:
+        return nn.CrossEntropyLoss(weight=weight, label_smoothing=recipe.label_smoothing)
+    if weight is not None:
+        return nn.CrossEntropyLoss(weight=weight)
+    from timm.loss import SoftTargetCrossEntropy
+
+    return SoftTargetCrossEntropy()
+
+
+def make_ema(model: nn.Module, recipe: Recipe) -> ModelEmaV3 | None:
+    """timm's `ModelEmaV3` of `model` (parameters and buffers) for `recipe.ema` > 0, else None.
+
+    Updated after every optimizer step with the step count, as timm's train.py does: the first
+    update copies the weights (decay 0 at step 1), every later one is ema = d * ema + (1 - d) * w
+    with d = recipe.ema exactly (no warmup ramp: the recipe's number is the decay). The average
+    remembers about 1 / (1 - d) steps: 0.99 suits a fine-tune of a few hundred steps, timm's
+    0.9998 one of hundreds of thousands.
+    """
+    if recipe.ema <= 0:
+        return None
+    from timm.utils import ModelEmaV3
+
+    return ModelEmaV3(model, decay=recipe.ema)
