@@ -36,6 +36,7 @@ def test_check_logs_reads_repeats_and_comma_lists_and_refuses_unknown_kinds():
     assert check_logs([]) == ("csv",)
     assert check_logs(["tensorboard"]) == ("csv", "tensorboard")
     assert check_logs(["csv,tensorboard", "tensorboard"]) == ("csv", "tensorboard")
+    assert check_logs("tensorboard") == ("csv", "tensorboard")  # one string, from Python
     with pytest.raises(FinetuneError, match="mlflow.*MLflow is not supported"):
         check_logs(["csv,mlflow"])
 

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune.data.index import scan
 from finetune.method import RunContext, RunOptions
@@ -205,3 +206,37 @@ def test_run_with_lr_auto_trains_with_the_suggestion_and_records_it(make_folder,
     assert not (run_dir / "tensorboard").exists()  # --log csv, the default: history.csv alone
     metrics = json.loads((run_dir / "metrics.json").read_text())
     assert metrics["train"]["groups"][0] == {"name": "head", "lr": lr, "params": 2}
+
+    # the range test leaves no trace: the same run with the number typed in gives the same weights
+    again = tmp_path / "again"
+    typed = [*TINY, f"lr={lr!r}", "epochs=1", 'init_head="random"']
+    result = invoke(*args[:-3], "--out", again, *[a for kv in typed for a in ("--set", kv)])
+    assert result.exit_code == 0, result.output
+    (other,) = again.iterdir()
+    a, b = load_file(str(run_dir / "model.safetensors")), load_file(str(other / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.slow
+def test_lr_auto_under_torchrun_every_rank_tests_and_rank_0_records_one_run(make_folder, tmp_path):
+    """2 gloo processes: the range test's steps are collectives, so a rank that stopped or suggested
+    differently would hang or fail the run; the groups run at lr x 2 (the global batch)."""
+    from tests.conftest import torchrun
+
+    data = make_folder({"a": 8, "b": 8, "c": 8})
+    out = tmp_path / "runs"
+    sets = ["image_size=32", "batch_size=3", "epochs=1", 'init_head="random"', "lr=auto"]
+    args = ["run", data, "--strategy", "partial-finetune", "--backbone", "test_resnet", "--no-pretrained"]
+    args += ["--workers", "0", "--device", "cpu", "--out", out, *[a for kv in sets for a in ("--set", kv)]]
+    proc = torchrun(*args, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run_dir,) = out.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    lr = config["recipe"]["lr"]
+    assert lr == config["extra"]["lr_find"]["suggested_lr"]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["world_size"] == 2
+    assert metrics["train"]["groups"][0]["lr"] == pytest.approx(2 * lr)
+    with open(run_dir / "lr-find.csv", newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    assert [float(r["lr_head"]) for r in rows] == pytest.approx([2 * float(r["lr"]) for r in rows], rel=1e-5)

@@ -9,9 +9,9 @@
     blob = figure_bytes(fig, "svg")                                     # or "png"; same figure, same bytes
 
 `report.py` (report.html, figures/, curves.png), `evaluate.py` (RUN/eval-*/), `compare.py` and
-`pipeline.py` (lr-find.png) use them. Each is a `matplotlib.figure.Figure` on the Agg canvas, never pyplot: no global
-backend or figure state is touched and no display is needed. matplotlib is imported inside
-the functions, so importing this module costs nothing.
+`pipeline.py` (lr-find.png) use them. Each is a `matplotlib.figure.Figure` on the Agg canvas,
+never pyplot: no global backend or figure state is touched and no display is needed. matplotlib
+is imported inside the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations

@@ -28,14 +28,14 @@ TENSORBOARD_DIR = "tensorboard"
 INSTALL = 'pip install "finetune[tensorboard]"'
 
 
-def check_logs(values: Iterable[str]) -> tuple[str, ...]:
+def check_logs(values: str | Iterable[str]) -> tuple[str, ...]:
     """`--log` values (repeated or comma lists) as known kinds, csv always first.
 
     Raises:
         FinetuneError: an unknown kind, or tensorboard asked for and not installed.
     """
     kinds = ["csv"]
-    for value in values:
+    for value in [values] if isinstance(values, str) else values:
         for kind in (k.strip().lower() for k in str(value).split(",")):
             if kind not in LOG_KINDS:
                 raise FinetuneError(

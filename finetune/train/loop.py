@@ -12,7 +12,8 @@
 schedule (`setup.py`); `fit` epochs of `train_step` (one optimizer step: micro-batches, backward,
 gradients averaged over processes, clipping, AMP on CUDA) and `end_epoch` (validate, keep the
 best weights, checkpoint, early stop); then the best epoch's metrics. To add to a step (mixup,
-EMA, accumulation), edit `train_step`; `Training` holds what it works on.
+EMA, accumulation), edit `train_step`; `Training` holds what it works on. `--log tensorboard`
+gets one call after every step and one after every epoch (`t.logs`, `logs.py`).
 
 Under torchrun every rank runs the same code on its shard (`setup.epoch_plan`), and every
 decision that changes control flow is voted once per batch with one all-reduce: a batch in which

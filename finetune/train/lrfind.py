@@ -186,7 +186,8 @@ def range_test(
         beta: the loss smoothing; default BETA ** (MAX_STEPS / steps).
 
     Nothing of `ctx` changes: the network is copied, the recipe's `lr` (a number or "auto") is
-    replaced by the schedule. Every rank calls it (`train_step` and the LP-FT head are collectives).
+    replaced by the schedule, and the copy runs eagerly (no --compile). Every rank calls it
+    (`train_step` and the LP-FT head are collectives).
 
     Raises:
         TrainingError: no training image, start >= end, or what `train_step` raises (out of memory
@@ -211,7 +212,9 @@ def range_test(
     # The groups start at lrs[0] x lr_mult (x processes); a constant schedule without warmup
     # leaves them there, and the LambdaLR below walks them along `lrs`.
     recipe = dataclasses.replace(ctx.recipe, lr=float(lrs[0]), schedule="constant", warmup_epochs=0)
-    test_ctx = dataclasses.replace(ctx, recipe=recipe, bad={})  # the run's bad files stay its own
+    # The run's list of bad files stays its own; --compile would compile a model used for 100 steps.
+    options = dataclasses.replace(ctx.options, compile=False)
+    test_ctx = dataclasses.replace(ctx, recipe=recipe, options=options, bad={})
     network = copy.deepcopy(ctx.backbone.model)  # the run trains the original
     model, _ = new_classifier(test_ctx, network, device, recipe.init_head == "probe")
     t = prepare(test_ctx, model, device, dist)
