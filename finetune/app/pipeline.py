@@ -180,7 +180,7 @@ def _run(opts: RunOptions, dist, started: float) -> RunResult:
 
 
 def open_network(opts: RunOptions, recipe):
-    """(the backbone `opts` name, its preprocessing at the recipe's image size)."""
+    """(the backbone `opts` names, opened, and its preprocessing at the recipe's image size)."""
     from finetune.models.backbone import open_backbone
 
     bb = open_backbone(
