@@ -254,6 +254,15 @@ def run(
     keep_checkpoints: Annotated[
         bool, typer.Option("--keep-checkpoints", help="Keep checkpoint/ in a finished fine-tune's folder.")
     ] = False,
+    log: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--log",
+            metavar="KIND",
+            help="Fine-tuning logs: csv (history.csv, always) | tensorboard (RUN/tensorboard/); "
+            "repeatable or a comma list.",
+        ),
+    ] = None,
 ) -> None:
     """Train and evaluate on DATA; write a run.
 
@@ -289,10 +298,94 @@ def run(
         cache=not no_cache,
         offline=offline,
         keep_checkpoints=keep_checkpoints,
+        log=tuple(log or ("csv",)),
     )
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
         print_run_summary(result)
+
+
+# --------------------------------------------------------------------------- lr-find
+
+
+@app.command("lr-find")
+def lr_find(
+    data: DataArg,
+    strategy: Annotated[
+        str, typer.Option("--strategy", "-s", metavar="NAME", help="partial-finetune | full-finetune")
+    ] = "partial-finetune",
+    backbone: BackboneOpt = "lite0",
+    recipe: Annotated[
+        Path | None, typer.Option("--recipe", metavar="FILE", help="A recipe TOML file of your own.")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--set", metavar="KEY=VALUE", help="Override a recipe key (see `finetune recipes --keys`)."
+        ),
+    ] = None,
+    weights: WeightsOpt = None,
+    pretrained: PretrainedOpt = True,
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", metavar="FOLDER", help="Where its folder goes (not inside DATA)."),
+    ] = Path("runs"),
+    steps: Annotated[
+        int | None,
+        typer.Option(
+            "--steps", metavar="N", min=2, help="Training steps (default 100, fewer on a small set)."
+        ),
+    ] = None,
+    start_lr: Annotated[
+        float, typer.Option("--start-lr", metavar="LR", min=0, help="Lowest lr tried.")
+    ] = 1e-7,
+    end_lr: Annotated[
+        float, typer.Option("--end-lr", metavar="LR", min=0, help="Highest lr tried (at most 10).")
+    ] = 10.0,
+    val_fraction: ValFractionOpt = 0.2,
+    labels: LabelsOpt = None,
+    device: DeviceOpt = "auto",
+    workers: WorkersOpt = None,
+    seed: SeedOpt = 0,
+    offline: Offline = False,
+) -> None:
+    """Find a learning rate for fine-tuning (the range test).
+
+    A copy of the model is trained as `run` would while the lr grows exponentially, until the
+    smoothed loss diverges; the suggestion is fastai's valley rule (the middle of the longest
+    descent). Writes lr-find.csv and lr-find.png; `run --set lr=auto` does this first.
+
+    Example: finetune lr-find ./mydata --strategy full-finetune --backbone resnet50
+    """
+    from finetune.app.pipeline import lr_find as find
+    from finetune.method import RunOptions
+
+    opts = RunOptions(
+        data=data,
+        strategy=strategy,
+        recipe_file=recipe,
+        overrides=tuple(set_ or ()),
+        backbone=backbone,
+        weights=weights,
+        pretrained=pretrained,
+        out=out,
+        val_fraction=val_fraction,
+        seed=seed,
+        device=device,
+        workers=workers,
+        labels_csv=labels,
+        offline=offline,
+    )
+    found = find(opts, steps=steps, start=start_lr, end=end_lr)
+    if not found.main:  # under torchrun only rank 0 prints
+        return
+    test = found.test
+    where = f"diverged at lr {test.divergence_lr:.3g}" if test.diverged is not None else "no divergence"
+    typer.echo(f"{len(test.lrs)} steps from lr {test.lrs[0]:.3g} to {test.lrs[-1]:.3g}: {where}")
+    typer.echo(f"rule: {test.rule} (the middle of the longest descent of the smoothed loss)")
+    typer.echo(f"points: {printable(str(found.folder / 'lr-find.csv'))}")
+    typer.echo(f"figure: {printable(str(found.folder / 'lr-find.png'))}")
+    typer.echo(f"suggested lr: {test.suggested:g}")
 
 
 # --------------------------------------------------------------------------- predict

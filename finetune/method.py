@@ -44,6 +44,7 @@ class RunOptions:
     cache: bool = True
     offline: bool = False  # published weights from the caches only (also FINETUNE_OFFLINE / HF_HUB_OFFLINE)
     keep_checkpoints: bool = False  # fine-tuning: keep checkpoint/ in the finished run folder
+    log: tuple[str, ...] = ("csv",)  # fine-tuning: "csv" (history.csv, always) and/or "tensorboard"
 
 
 @dataclass

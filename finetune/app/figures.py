@@ -5,12 +5,13 @@
     fig = mistakes_figure(picks, "probability")                         # the most confident mistakes
     fig = curves_figure(read_history(path), label_smoothing=0.1, n_classes=10)
     fig = compare_figure(rows)                                          # accuracy against wall time
+    fig = lr_find_figure(lrs, losses, smoothed, suggested=3e-3, diverged_at=0.5)   # the range test
     blob = figure_bytes(fig, "svg")                                     # or "png"; same figure, same bytes
 
-`report.py` (report.html, figures/, curves.png), `evaluate.py` (RUN/eval-*/) and `compare.py`
-use them. Each is a `matplotlib.figure.Figure` on the Agg canvas, never pyplot: no global
-backend or figure state is touched and no display is needed. matplotlib is imported inside
-the functions, so importing this module costs nothing.
+`report.py` (report.html, figures/, curves.png), `evaluate.py` (RUN/eval-*/), `compare.py` and
+`pipeline.py` (lr-find.png) use them. Each is a `matplotlib.figure.Figure` on the Agg canvas,
+never pyplot: no global backend or figure state is touched and no display is needed. matplotlib
+is imported inside the functions, so importing this module costs nothing.
 """
 
 from __future__ import annotations
@@ -479,4 +480,55 @@ def compare_figure(rows: Sequence[Any]):
     ax.set_title("strategies on one split")
     ax.grid(alpha=0.3)
     fig.legend(loc="outside lower center", ncols=2, fontsize=8, frameon=False)
+    return fig
+
+
+# --------------------------------------------------------------------------- learning-rate range test
+
+
+@_styled
+def lr_find_figure(
+    lrs: Sequence[float],
+    losses: Sequence[float],
+    smoothed: Sequence[float],
+    suggested: float,
+    diverged_at: float | None = None,
+    rule: str = "valley",
+):
+    """Training loss against the base learning rate (log axis): each step's loss faint, the smoothed
+    curve over it, the suggestion marked, and the LR where the smoothed loss diverged.
+
+    The loss axis spans the smoothed curve before the divergence: the last steps' losses can be
+    1e6 and would flatten everything else into a line.
+    """
+    lrs, losses, smoothed = (np.asarray(a, dtype=np.float64) for a in (lrs, losses, smoothed))
+    fig = _figure(6.4, 4.2)
+    ax = fig.subplots()
+    ax.plot(lrs, losses, color="#9db4d8", linewidth=0.9, label="loss of each step")
+    ax.plot(lrs, smoothed, color=BAR["color"], linewidth=1.8, label="smoothed (moving average)")
+    at = int(np.argmin(np.abs(np.log(lrs) - math.log(suggested))))  # the step nearest the suggestion
+    ax.axvline(suggested, color="#c44e52", linestyle="--", linewidth=1.2)
+    ax.plot(
+        [suggested],
+        [smoothed[at]],
+        "o",
+        color="#c44e52",
+        zorder=3,
+        label=f"suggested lr {suggested:g} ({rule})",
+    )
+    if diverged_at is not None:
+        ax.axvline(diverged_at, color="#777777", linestyle=":", label=f"diverged at lr {diverged_at:.3g}")
+    ax.set_xscale("log")
+    _log_axis(ax.xaxis)
+    before = lrs < diverged_at if diverged_at is not None else np.ones(len(lrs), dtype=bool)
+    seen = smoothed[before & np.isfinite(smoothed)]
+    if len(seen):
+        low, high = float(seen.min()), float(seen.max())
+        pad = 0.08 * max(high - low, 1e-3)
+        ax.set_ylim(max(0.0, low - pad), high + pad)
+    ax.set_xlabel("learning rate (the recipe's lr; log scale)")
+    ax.set_ylabel("training loss")
+    ax.set_title("learning-rate range test")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
     return fig

@@ -2,6 +2,11 @@
 
     result = run(RunOptions(data="mydata", strategy="linear-probe"))
     result.run_dir, result.metrics["val"]["accuracy"]
+    found = lr_find(RunOptions(data="mydata", strategy="partial-finetune"))   # `finetune lr-find`
+    found.test.suggested, found.folder                                       # lr-find.csv, lr-find.png
+
+`--set lr=auto` runs the range test (`train/lrfind.py`) on the same data, backbone and recipe
+before training and trains with its suggestion, which the run folder records as the recipe's lr.
 
 A recipe's `method` picks the function that trains (`METHODS`: the probes of `probe/`, the
 fine-tuning loop of `train/`); each returns a `method.Outcome`, so everything after training
@@ -89,6 +94,7 @@ def check_options(opts: RunOptions) -> RunOptions:
     from finetune.models.catalogue import ALIASES
     from finetune.recipes import MAX_SEED
     from finetune.runtime import check_device
+    from finetune.train.logs import check_logs
 
     device = check_device(opts.device)
     if opts.workers is not None and opts.workers < 0:
@@ -102,6 +108,12 @@ def check_options(opts: RunOptions) -> RunOptions:
     recipe = load_recipe(
         "linear-probe" if auto else opts.strategy, opts.recipe_file, opts.overrides, not auto
     )
+    logs = check_logs(opts.log)
+    if not auto and "tensorboard" in logs and recipe.is_probe:
+        raise FinetuneError(
+            f"--log tensorboard: not used by the {recipe.name} recipe, which takes no training steps",
+            "drop it, or choose partial-finetune or full-finetune",
+        )
     if spec is not None:
         check_image_size(recipe, spec)
     if not auto and opts.compile and recipe.is_probe:
@@ -114,7 +126,7 @@ def check_options(opts: RunOptions) -> RunOptions:
         outside_data(opts.out, opts.data)
         writable_place(opts.out)
     cache = opts.cache and cache_writable()
-    return dataclasses.replace(opts, device=device, cache=cache)
+    return dataclasses.replace(opts, device=device, cache=cache, log=logs)
 
 
 def check_image_size(recipe, spec) -> None:
@@ -161,16 +173,15 @@ def _run(opts: RunOptions, dist, started: float) -> RunResult:
         recipe = load_recipe(strategy, opts.recipe_file, opts.overrides, strict=opts.strategy != "auto")
         unused = [k for k in override_keys(opts.overrides) if k not in recipe.keys]
         unused += ["--compile"] if opts.compile and recipe.is_probe else []
+        unused += ["--log tensorboard"] if "tensorboard" in opts.log and recipe.is_probe else []
         if unused:  # auto chose a recipe the user could not know: say what it leaves out, once
             log.warning(f"auto chose {recipe.name}, which does not use {', '.join(unused)}: ignored")
     return _train_and_save(opts, index, recipe, advice, started, dist)
 
 
-def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: float, dist) -> RunResult:
-    from finetune.app.runfolder import RunConfig, new_run_dir, save_run
-    from finetune.io import versions, write_json
+def open_network(opts: RunOptions, recipe):
+    """(the backbone `opts` names, opened, and its preprocessing at the recipe's image size)."""
     from finetune.models.backbone import open_backbone
-    from finetune.runtime import shared_path, stop_distributed
 
     bb = open_backbone(
         opts.backbone,
@@ -182,12 +193,21 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         offline=opts.offline,
     )
     check_image_size(recipe, bb.spec)
+    pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
+    return bb, pre
+
+
+def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: float, dist) -> RunResult:
+    from finetune.app.runfolder import RunConfig, new_run_dir, save_run
+    from finetune.io import versions, write_json
+    from finetune.runtime import shared_path, stop_distributed
+
+    bb, pre = open_network(opts, recipe)
     if recipe.is_probe and recipe.layer != "all" and recipe.layer not in bb.tap_names:
         raise BackboneError(
             f"--set layer={recipe.layer}: {opts.backbone} has no such tap",
             f"choose one of {', '.join(bb.tap_names)}, or all (stage-probe)",
         )
-    pre = bb.preprocessing if not recipe.image_size else bb.preprocessing.with_size(recipe.image_size)
     # Under torchrun, probes shard the extraction (features/extract.py) and every rank fits the same
     # head; fine-tuning trains data-parallel (train/loop.py). Rank 0 alone writes the run folder.
     out_existed = Path(opts.out).exists()
@@ -197,6 +217,10 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         run_dir = shared_path(new_run_dir(opts.out, opts.backbone, recipe.name) if dist.main else None, dist)
     try:
         ctx = RunContext(index, bb, pre, recipe, run_dir, opts)
+        found = {}
+        if recipe.lr == "auto":  # before anything reads the lr (for_world multiplies it)
+            ctx, found = _auto_lr(ctx, dist)
+            recipe = ctx.recipe
         outcome = METHODS[recipe.method](ctx)
         if not dist.main:
             stop_distributed()
@@ -234,7 +258,7 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
             },
             versions=versions(),
             created=time.strftime("%Y-%m-%dT%H:%M:%S"),
-            extra={**outcome.extra, **({"advice": advice} if advice else {})},
+            extra={**outcome.extra, **({"advice": advice} if advice else {}), **found},
         )
         save_run(run_dir, outcome.tensors, config)
         write_json(run_dir / "metrics.json", metrics)
@@ -300,3 +324,91 @@ def _write_report(run_dir: Path) -> None:
         log.warning(
             f"report.html not written ({type(err).__name__}: {err}); the run folder is complete without it"
         )
+
+
+# --------------------------------------------------------------------------- the learning-rate range test
+
+
+@dataclass
+class LRFindResult:
+    folder: Path  # lr-find.csv and lr-find.png
+    test: Any  # train.lrfind.RangeTest
+    main: bool = True  # False on torchrun ranks other than 0: they write and print nothing
+
+
+def lr_find(
+    opts: RunOptions, steps: int | None = None, start: float = 1e-7, end: float = 10.0
+) -> LRFindResult:
+    """`finetune lr-find`: the range test of `opts`' fine-tuning recipe, in a folder under `opts.out`.
+
+    The data, split, backbone and recipe are read as `run` reads them; the folder is
+    `<out>/<time>-<backbone>-<recipe>-lr-find/` (never inside DATA), removed if the test fails.
+
+    Raises:
+        RecipeError: a probe recipe (it has no learning rate) or --strategy auto.
+    """
+    from finetune.runtime import check_device, collective_errors, start_distributed
+
+    if opts.strategy == "auto":
+        raise RecipeError(
+            "lr-find needs a fine-tuning recipe, and auto may choose a probe",
+            "use --strategy partial-finetune or full-finetune",
+        )
+    recipe = load_recipe(opts.strategy, opts.recipe_file, opts.overrides, strict=False)
+    if recipe.is_probe:
+        raise RecipeError(
+            f"lr-find is for fine-tuning: the {recipe.name} recipe fits a head on frozen features, "
+            "which has no learning rate",
+            "use --strategy partial-finetune or full-finetune",
+        )
+    dist = start_distributed(check_device(opts.device))
+    with collective_errors(dist):
+        return _lr_find(check_options(opts), recipe, dist, steps, start, end)
+
+
+def _lr_find(opts: RunOptions, recipe, dist, steps: int | None, start: float, end: float) -> LRFindResult:
+    from finetune.app.runfolder import new_run_dir
+    from finetune.runtime import shared_path, stop_distributed
+    from finetune.train.lrfind import range_test
+
+    index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
+    bb, pre = open_network(opts, recipe)
+    out_existed = Path(opts.out).exists()
+    name = f"{recipe.name}-lr-find"
+    folder = shared_path(new_run_dir(opts.out, opts.backbone, name) if dist.main else None, dist)
+    try:
+        test = range_test(RunContext(index, bb, pre, recipe, folder, opts), steps, start, end)
+        if dist.main:
+            _write_lr_find(folder, test)
+    except BaseException:
+        if dist.main:
+            _discard(folder, Path(opts.out), out_existed)
+        raise
+    stop_distributed()
+    return LRFindResult(folder, test, dist.main)
+
+
+def _auto_lr(ctx: RunContext, dist) -> tuple[RunContext, dict]:
+    """`--set lr=auto`: the range test on the run's own data, backbone and recipe; the context with
+    its suggestion as the recipe's lr, and {"lr_find": summary} for config.json (rank 0 writes the
+    points and the figure in the run folder). Every rank runs it and gets the same number."""
+    from finetune.train.lrfind import range_test
+
+    test = range_test(ctx)
+    if dist.main:
+        _write_lr_find(ctx.run_dir, test)
+    log.info(f"lr=auto: {test.suggested:g} (lr-find, {test.rule} rule)")
+    recipe = dataclasses.replace(ctx.recipe, lr=test.suggested)
+    return dataclasses.replace(ctx, recipe=recipe), {"lr_find": test.summary()}
+
+
+def _write_lr_find(folder: Path, test) -> None:
+    """lr-find.csv (every step) and lr-find.png (the curve, the suggestion marked) in `folder`."""
+    from finetune.app.figures import figure_bytes, lr_find_figure
+    from finetune.io import atomic_write
+    from finetune.train.lrfind import FIGURE_FILE, POINTS_FILE, write_points
+
+    write_points(folder / POINTS_FILE, test)
+    fig = lr_find_figure(test.lrs, test.losses, test.smoothed, test.suggested, test.divergence_lr, test.rule)
+    blob = figure_bytes(fig, "png")
+    atomic_write(folder / FIGURE_FILE, lambda fh: fh.write(blob))

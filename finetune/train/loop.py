@@ -20,7 +20,8 @@ error), each loss weighted by its share of the step's images, so the gradient is
 all of them; then the gradients are averaged over processes, clipped, the optimizer and the
 schedule step, and timm's `ModelEmaV3` (`ema` > 0) takes the new weights into its average.
 `end_epoch` validates the raw and the averaged weights; the better is the one kept and saved
-(metrics.json `train.weights` and config.json `extra.weights` say which).
+(metrics.json `train.weights` and config.json `extra.weights` say which). `--log tensorboard`
+gets one call after every step and one after every epoch (`t.logs`, `logs.py`).
 
 Under torchrun every rank runs the same code on its shard (`setup.epoch_plan`), and every
 decision that changes control flow is voted once per batch with one all-reduce: a batch in which
@@ -79,6 +80,7 @@ from finetune.train.checkpoint import (
     save_checkpoint,
     split_digest,
 )
+from finetune.train.logs import RunLogs, open_logs
 from finetune.train.setup import (
     OPTIMIZERS,
     amp_for,
@@ -161,6 +163,8 @@ class Training:
     best_weights: dict[str, torch.Tensor] | None = None
     best_file: str | None = None
     reported: set[int] = field(default_factory=set)
+    guard_loss: bool = True  # stop on a diverging loss; lr-find turns it off (it measures the rise)
+    logs: RunLogs = field(default_factory=RunLogs)  # `--log tensorboard` (rank 0); nothing by default
 
     @property
     def folder(self) -> Path:
@@ -187,23 +191,20 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
     """
     recipe, opts = ctx.recipe, ctx.options
     dist = Dist.from_env()
-    device = _device_for(opts, dist)
+    device = device_for(opts, dist)
     if not ctx.positions("train"):
         raise TrainingError("no training images", "run `finetune check DATA` to see why")
-    trunk = build_trunk(ctx.backbone.model, "pool")
-    dim = feature_dim(trunk, ctx.preprocessing.input_size)
-    # Seeded after the network is built (which may or may not draw random init numbers,
-    # depending on whether a backbone card deferred the build), so the new head is reproducible.
-    torch.manual_seed(recipe.seed)
-    head = nn.Linear(dim, len(ctx.index.classes))
-    probe = {}
-    if opts.resume is None and recipe.init_head == "probe":
-        probe = seed_head(ctx, trunk, head, device)  # every rank: its extraction is a collective
-    t = prepare(ctx, Classifier(trunk, head), device, dist)
+    lpft = opts.resume is None and recipe.init_head == "probe"
+    model, probe = new_classifier(ctx, ctx.backbone.model, device, lpft)
+    t = prepare(ctx, model, device, dist)
     if opts.resume is not None:
         restore(t)
     _log_groups(t)
-    fit(t, on_batch)
+    t.logs = open_logs(ctx.run_dir, opts.log, recipe) if dist.main else RunLogs()
+    try:
+        fit(t, on_batch)
+    finally:
+        t.logs.close()
     metrics, predictions = final_metrics(t)
     p = t.progress
     metrics["train"] = {
@@ -229,6 +230,24 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
     extra["device"] = str(device)
     extra["weights"] = p.best_kind  # "ema" when the weight average validated better than the raw weights
     return Outcome(t.model.state_dict(), "pool", "finetune", metrics, predictions, extra)
+
+
+def new_classifier(
+    ctx: RunContext, network: nn.Module, device: torch.device, lpft: bool
+) -> tuple[Classifier, dict]:
+    """`network` cut at its pooled layer under a new linear head; (the Classifier, the probe's info).
+
+    lpft: the head starts as a linear probe of the frozen trunk (`seed_head`; every rank calls
+    it, its extraction is a collective); else seeded random, and the info is {}.
+    """
+    trunk = build_trunk(network, "pool")
+    dim = feature_dim(trunk, ctx.preprocessing.input_size)
+    # Seeded after the network is built (which may or may not draw random init numbers,
+    # depending on whether a backbone card deferred the build), so the new head is reproducible.
+    torch.manual_seed(ctx.recipe.seed)
+    head = nn.Linear(dim, len(ctx.index.classes))
+    probe = seed_head(ctx, trunk, head, device) if lpft else {}
+    return Classifier(trunk, head), probe
 
 
 def seed_head(ctx: RunContext, trunk: nn.Module, head: nn.Linear, device: torch.device) -> dict:
@@ -440,6 +459,8 @@ def diverged(start: float, average: float, n_classes: int) -> bool:
 def _check_loss(t: Training, mean: float) -> None:
     """Stop on a non-finite loss or a diverging one (every rank sees the same all-reduced mean)."""
     p = t.progress
+    if not t.guard_loss:
+        return
     if math.isfinite(mean):
         if p.loss_start is None:
             p.loss_start = p.loss_avg = mean
@@ -528,6 +549,7 @@ def _step(t: Training, group: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
     x = x.to(t.device, non_blocking=True).contiguous(memory_format=t.fmt)
     y = y.to(t.device, non_blocking=True)
     loss, correct, n = train_step(t, x, y)
+    t.logs.step(t.progress.step, loss / n, correct / n, n, t.optimizer.param_groups)
     t.progress.running["loss"] += loss
     t.progress.running["correct"] += correct
     t.progress.running["seen"] += n
@@ -618,6 +640,7 @@ def end_epoch(t: Training) -> None:
         if math.isfinite(ema_loss) and [ema_acc, -ema_loss] > score:
             kind, score, model = "ema", [ema_acc, -ema_loss], t.ema.module
     p.history.append(row)
+    t.logs.epoch(row)
     improved = score > p.best
     if improved:
         p.best, p.best_epoch, p.best_kind, p.bad_epochs = score, p.epoch + 1, kind, 0
@@ -759,7 +782,8 @@ def _log_groups(t: Training) -> None:
     log.info("groups: " + ", ".join(parts) + (f"; {frozen} tensors frozen" if frozen else ""))
 
 
-def _device_for(opts: RunOptions, dist: Dist) -> torch.device:
+def device_for(opts: RunOptions, dist: Dist) -> torch.device:
+    """`--device` resolved; under torchrun on CUDA, this rank's own GPU."""
     device = pick_device(opts.device)
     if device.type == "cuda" and dist.world > 1:
         return torch.device("cuda", dist.local_rank)  # one GPU per rank
