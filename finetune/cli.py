@@ -349,9 +349,9 @@ def lr_find(
     seed: SeedOpt = 0,
     offline: Offline = False,
 ) -> None:
-    """Find a learning rate for fine-tuning (the range test).
+    """Find a fine-tuning learning rate.
 
-    A copy of the model is trained as `run` would while the lr grows exponentially, until the
+    The learning-rate range test: a copy of the model is trained as `run` would while the lr grows exponentially, until the
     smoothed loss diverges; the suggestion is fastai's valley rule (the middle of the longest
     descent). Writes lr-find.csv and lr-find.png; `run --set lr=auto` does this first.
 

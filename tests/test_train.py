@@ -3,8 +3,10 @@ interrupted and resumed run equals an uninterrupted one bit for bit, and every f
 
 from __future__ import annotations
 
+import csv
 import errno
 import json
+import math
 import os
 import signal
 import subprocess
@@ -795,3 +797,27 @@ def test_batchnorm_layers_that_train_become_syncbatchnorm_under_torchrun_on_cuda
     fresh = Classifier(nn.Sequential(nn.BatchNorm2d(3), nn.Flatten()), nn.Linear(3, 2))
     cpu, _ = batchnorm_policy(fresh, recipe, torch.device("cpu"), world=2)  # gloo: no SyncBatchNorm
     assert not any(isinstance(m, nn.SyncBatchNorm) for m in cpu.modules())
+
+
+def test_fine_tuning_never_returns_a_model_worse_than_its_linear_probe_start(
+    make_folder, tmp_path, monkeypatch
+):
+    """LP-FT's start is epoch 0 of the best-epoch choice: training that only hurts keeps the probe."""
+
+    def ruin(t, x, y):  # a "step" that wipes the head: every later epoch guesses one class
+        with torch.no_grad():
+            t.model.head.weight.zero_()
+            t.model.head.bias.zero_()
+        return float(len(y)) * math.log(2), 0, len(y)
+
+    monkeypatch.setattr(finetune.train.loop, "train_step", ruin)
+    data, out = make_folder({"red": 8, "blue": 8}), tmp_path / "runs"
+    res = runner.invoke(app, tiny_run_args(data, out, "partial-finetune", "epochs=2"))
+    assert res.exit_code == 0, res.output
+    run_dir = next(out.iterdir())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert metrics["train"]["best_epoch"] == 0 and metrics["val"]["accuracy"] == 1.0
+    history = list(csv.DictReader((run_dir / "history.csv").open()))
+    assert [float(r["val_accuracy"]) for r in history] == [0.5, 0.5]  # what the wiped head scores
+    head = load_file(run_dir / "model.safetensors")
+    assert any(float(v.abs().sum()) > 0 for k, v in head.items() if k.startswith("head."))

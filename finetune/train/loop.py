@@ -200,6 +200,8 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
     if opts.resume is not None:
         restore(t)
     _log_groups(t)
+    if lpft:
+        keep_start(t)
     t.logs = open_logs(ctx.run_dir, opts.log, recipe) if dist.main else RunLogs()
     try:
         fit(t, on_batch)
@@ -332,6 +334,21 @@ def fit(t: Training, on_batch: OnBatch | None = None) -> None:
                 raise _interrupted(t, stop)
     if t.best_weights is not None:
         t.model.load_state_dict(t.best_weights)
+
+
+def keep_start(t: Training) -> None:
+    """LP-FT's start, the pretrained trunk with the linear probe's head, is epoch 0 of the choice
+    of the best epoch: validated like every epoch, so fine-tuning never returns a model that
+    validates worse than the probe it started from (on a style shift it can: measured on the
+    fonts of benchmarks/transfer.py). Every rank validates its shard; no history row is written.
+    """
+    acc, loss = validate(t)
+    if not math.isfinite(loss):
+        return
+    p = t.progress
+    p.best, p.best_epoch, p.best_kind = [acc, -loss], 0, "raw"
+    t.best_weights = {k: v.detach().to("cpu", copy=True) for k, v in t.model.state_dict().items()}
+    log.info(f"epoch 0 (the linear probe's head on the pretrained trunk): val loss {loss:.4f} acc {acc:.3f}")
 
 
 # --------------------------------------------------------------------------- one step
@@ -676,6 +693,7 @@ def save(t: Training, best_changed: bool) -> None:
         return
     ctx, opts, p = t.ctx, t.ctx.options, t.progress
     p.saves += 1  # a fresh file name: the committed checkpoint is never overwritten
+    best_changed = best_changed or (t.best_weights is not None and t.best_file is None)  # epoch 0's
     meta, tensors = encode_state(t.model, t.optimizer, t.scheduler, t.scaler, t.ema)
     meta |= {
         **dataclasses.asdict(p),
