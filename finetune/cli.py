@@ -351,9 +351,10 @@ def lr_find(
 ) -> None:
     """Find a fine-tuning learning rate.
 
-    The learning-rate range test: a copy of the model is trained as `run` would while the lr grows exponentially, until the
-    smoothed loss diverges; the suggestion is fastai's valley rule (the middle of the longest
-    descent). Writes lr-find.csv and lr-find.png; `run --set lr=auto` does this first.
+    The learning-rate range test: a copy of the model is trained as `run` would while the lr
+    grows exponentially, until the smoothed loss diverges; the suggestion is fastai's valley
+    rule (the middle of the longest descent). Writes lr-find.csv and lr-find.png;
+    `run --set lr=auto` does this first.
 
     Example: finetune lr-find ./mydata --strategy full-finetune --backbone resnet50
     """

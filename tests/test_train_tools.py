@@ -73,6 +73,19 @@ def test_each_augment_policy_changes_pixels_is_seeded_and_differs_between_polici
     assert (random.random(), np.random.rand()) == expected  # the global generators are given back
 
 
+def test_randaugment_at_its_largest_magnitude_runs_every_op_on_current_pillow():
+    """timm's magnitude 10 makes its increasing posterize keep 0 bits, which Pillow >= 10 refuses:
+    one training image in a few hundred crashed a randaugment run before the magnitude was capped."""
+    t = TrainTransform(PRE, "randaugment")
+    ops = t.policy.ops
+    assert any(op.name == "PosterizeIncreasing" for op in ops)
+    for op in ops:  # every op applied, at a magnitude drawn far above the cap
+        op.prob, op.magnitude, op.magnitude_std = 1.0, 30.0, 0.0
+    im = photo(size=32)
+    for op in ops:
+        assert op(im).size == im.size, op.name
+
+
 def _seeded(t: TrainTransform, im: Image.Image, seed: int) -> torch.Tensor:
     with seeded_rngs(seed):
         return t(im)

@@ -227,13 +227,19 @@ class EvalTransform:
 def _randaugment(pre: Preprocessing) -> Any:
     """timm's RandAugment `rand-m9-mstd0.5-inc1` (2 ops of magnitude ~9, increasing severity), with
     the hyper-parameters timm's `create_transform` gives it: translation 45% of the image, fill the
-    dataset mean, and the weights' own interpolation."""
+    dataset mean, and the weights' own interpolation.
+
+    The magnitude (drawn around 9 with std 0.5) is clipped at 9.999 instead of timm's 10: at 10
+    timm's increasing posterize keeps 0 bits, which Pillow >= 10 refuses (`ValueError: bits must
+    be between or equal to 1 and 8`, about one training image in a few hundred); at 9.999 it keeps
+    1 bit, and every other op moves by 0.01 %."""
     from timm.data.auto_augment import rand_augment_transform
 
     hparams = {
         "translate_const": int(pre.input_size * 0.45),
         "img_mean": tuple(min(255, round(255 * m)) for m in pre.mean),
         "interpolation": FILTERS[pre.interpolation],
+        "magnitude_max": 9.999,
     }
     return rand_augment_transform("rand-m9-mstd0.5-inc1", hparams)
 
