@@ -16,7 +16,7 @@ Three sets, all built from packaged material (offline), with fixed train/ and va
 Each line prints the linear probe's validation accuracy, auto's (which strategy it chose) and
 the difference in points. Both run the whole CLI (`finetune run`) at `--set image_size=64`
 (`--image-size`), so a CPU finishes the fine-tunes in minutes; each run's folder is kept
-under ./transfer-runs for its report.
+under ./transfer-runs for its report, with its console in ./transfer-runs/SET/STRATEGY.log.
 """
 
 from __future__ import annotations
@@ -130,12 +130,15 @@ def run(data: Path, strategy: str, sets: list[str], image_size: int, out: Path) 
     if strategy != "linear-probe":
         for s in sets:
             cmd += ["--set", s]
+    out.mkdir(parents=True, exist_ok=True)
+    console = out / f"{strategy}.log"  # the run's console, to follow it: tail -f
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, capture_output=True, text=True)
+    with console.open("w") as f:
+        done = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT)
     seconds = time.perf_counter() - t0
     if done.returncode != 0:
-        sys.exit(f"{' '.join(cmd)} failed:\n{done.stderr[-3000:]}")
-    run_dir = max(out.iterdir(), key=lambda p: p.stat().st_mtime)
+        sys.exit(f"{' '.join(cmd)} failed:\n{console.read_text()[-3000:]}")
+    run_dir = max((p for p in out.iterdir() if p.is_dir()), key=lambda p: p.stat().st_mtime)
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     recipe = config.get("recipe", {})
