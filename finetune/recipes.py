@@ -167,19 +167,29 @@ class Recipe:
         lines, mult = [], []
         for key, value in self.to_dict().items():
             if key == "lr_mult":
-                mult = [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+                mult = [f"{k} = {toml_value(v)}" for k, v in value.items()]
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines + ["", "[lr_mult]"] + mult) + "\n"
 
 
-def _toml_value(v: Any) -> str:
+# A TOML basic string holds no raw control character but tab: the rest as \uXXXX (a newline in a
+# description, an odd byte in a path).
+_TOML_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"'}
+_TOML_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F) if c != 0x09})
+
+
+def toml_value(v: Any) -> str:
+    """One value as a TOML literal (bool, str, number, list): `toml_value("svm")` -> `'"svm"'`.
+
+    The one TOML writer of the package (recipes, the run folder's run.toml); `tomllib` reads it back.
+    """
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + v.translate(_TOML_ESCAPES) + '"'
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -465,7 +475,7 @@ def key_table() -> list[dict]:
                 "key": name,
                 "type": _type_of(name),
                 "methods": [m for m in METHODS if name in KEYS_BY_METHOD[m]],
-                "default": _toml_value(getattr(defaults, name)),
+                "default": toml_value(getattr(defaults, name)),
             }
         )
     return rows
