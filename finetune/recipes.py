@@ -25,7 +25,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RecipeError
+from finetune.errors import FinetuneError, RecipeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -356,19 +356,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def read_toml(path: Path | Traversable) -> dict[str, Any]:
-    """The TOML table of a recipe file (UTF-8, with or without a byte-order mark)."""
+def read_toml(
+    path: Path | Traversable, what: str = "recipe", error: type[FinetuneError] = RecipeError
+) -> dict[str, Any]:
+    """The TOML table of a file (UTF-8, with or without a byte-order mark); `error` if it is not one.
+
+    `what` names the file in the message ("recipe", "config file"); a TOML mistake says its line
+    and column.
+    """
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
-        raise RecipeError(
-            f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+        raise error(
+            f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
             "save it as UTF-8",
         ) from None
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"recipe {path} is not valid TOML: {err}", "fix the file") from None
+        raise error(f"{what} {path} is not valid TOML: {err}", "fix the file") from None
     except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror}", "check the path") from None
+        raise error(f"cannot read {what} {path}: {err.strerror}", "check the path") from None
 
 
 def list_recipes() -> list[str]:
