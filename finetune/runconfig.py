@@ -13,8 +13,8 @@
     [recipe.lr_mult]
     top = 0.2
 
-    opts = run_options("run.toml", seed=2)                        # a RunOptions: the file, then keywords
-    opts = run_options(data="mydata", recipe={"epochs": 3})        # `finetune.run(...)` from Python
+    opts = run_options("run.toml", {"seed": 2})                    # a RunOptions: the file, then these
+    opts = run_options(None, {"data": "mydata", "recipe": {"epochs": 3}})   # `finetune.run` from Python
     write_run_toml(run_dir, opts, recipe)                          # what a finished run writes
 
 The top-level keys are the options of `finetune run` (`OPTIONS`; `CLI_NAMES` says which
@@ -148,6 +148,15 @@ OPTIONS: dict[str, Option] = {
     "keep_checkpoints": Option("keep_checkpoints", _bool),
     "log": Option("log", _logs),
 }
+
+# `finetune.evaluate(run_dir, data, **options)`: the options of `finetune evaluate`, as Python keywords.
+EVALUATE_OPTIONS: dict[str, Option] = {
+    "out": Option("out", _path),
+    "labels": Option("labels_csv", _path),
+    "device": Option("device", _text),
+    "workers": Option("workers", _integer(0)),
+    "batch_size": Option("batch_size", _integer(1)),
+}
 RECIPE_TABLE = "recipe"  # the [recipe] table: recipe keys, as --set
 
 # The parameters of the `run` command (cli.py), by their Python names, and the config key each
@@ -181,8 +190,7 @@ def read_config(path: str | os.PathLike) -> dict[str, Any]:
     return read_toml(path, what="config file", error=ConfigError)
 
 
-def _unknown(key: str, where: str) -> ConfigError:
-    known = [*OPTIONS, RECIPE_TABLE]
+def _unknown(key: str, where: str, known: list[str]) -> ConfigError:
     close = difflib.get_close_matches(key, known, n=3)
     hint = f"did you mean {', '.join(close)}?" if close else f"known: {', '.join(known)}"
     what = f"{where}unknown key {key!r}" if where else f"unknown option {key!r}"
@@ -206,7 +214,7 @@ def _recipe_layer(table: Any, where: str) -> tuple[list[str], list[str]]:
     try:
         recipe = recipe_from_dict(nested)
     except RecipeError as err:
-        raise ConfigError(f"{where}[recipe] {err.what}", err.todo) from None
+        raise ConfigError(f"{where}[recipe] {err.what}" if where else err.what, err.todo) from None
     overrides = []
     for key, value in nested.items():
         if key == "lr_mult":
@@ -216,43 +224,62 @@ def _recipe_layer(table: Any, where: str) -> tuple[list[str], list[str]]:
     return overrides, list(nested)
 
 
-def _layer(raw: Mapping[str, Any], where: str = "", base: Path | None = None) -> _Layer:
-    """Check every key and value of one source; paths relative to `base` when it is given."""
+def check_keywords(
+    raw: Mapping[str, Any],
+    table: Mapping[str, Option],
+    where: str = "",
+    base: Path | None = None,
+    command: str = "run",
+) -> dict[str, Any]:
+    """`raw`'s values checked against `table` (None: not given); paths relative to `base` if given.
+
+    `where` names the source in messages ("run.toml: "; "" for Python's keywords), `command` the
+    command whose --help lists the options.
+
+    Raises:
+        ConfigError: a key not in `table` (did you mean ...?), or a value it does not take.
+    """
     values: dict[str, Any] = {}
-    recipe: list[str] = []
-    recipe_keys: list[str] = []
     for key, value in raw.items():
-        if key == RECIPE_TABLE:
-            if value is not None:
-                recipe, recipe_keys = _recipe_layer(value, where)
-            continue
-        option = OPTIONS.get(key)
+        option = table.get(key)
         if option is None:
-            raise _unknown(key, where)
+            raise _unknown(key, where, [*table, *([RECIPE_TABLE] if command == "run" else [])])
         if value is None:  # Python's "not given" (TOML has no null)
             continue
         try:
             checked = option.check(value)
         except _Bad as err:
             name = f"{where}{key}" if where else f"option {key}"
-            raise ConfigError(f"{name} must be {err}, got {value!r}", "see `finetune run --help`") from None
+            raise ConfigError(
+                f"{name} must be {err}, got {value!r}", f"see `finetune {command} --help`"
+            ) from None
         if option.path and base is not None and not checked.is_absolute():
             checked = base / checked
         values[key] = checked
+    return values
+
+
+def _layer(raw: Mapping[str, Any], where: str = "", base: Path | None = None) -> _Layer:
+    """One source of a run's settings, checked: its options, and its [recipe] as overrides."""
+    table = raw.get(RECIPE_TABLE)
+    recipe, recipe_keys = _recipe_layer(table, where) if table is not None else ([], [])
+    values = check_keywords({k: v for k, v in raw.items() if k != RECIPE_TABLE}, OPTIONS, where, base)
     return _Layer(values, recipe, recipe_keys, where)
 
 
 def run_options(
-    config: str | os.PathLike | None = None, sets: Sequence[str] = (), **given: Any
+    config: str | os.PathLike | None = None,
+    given: Mapping[str, Any] | None = None,
+    sets: Sequence[str] = (),
 ) -> RunOptions:
-    """The RunOptions of a run: `config`'s values, then `given` (config keys), then `sets` (--set).
+    """The RunOptions of a run: `config`'s values, then `given`'s, then `sets` (--set).
 
     Args:
         config: a TOML file of options and a [recipe] table; its relative paths are read from
             its folder.
+        given: options by their config keys (`OPTIONS`), `recipe` a dict of recipe keys; a value
+            None is not given.
         sets: `key=value` recipe overrides that win over everything (the command line's --set).
-        **given: options by their config keys (`OPTIONS`), `recipe` a dict of recipe keys; None
-            means not given.
 
     Raises:
         ConfigError: an unknown key (with a did-you-mean), a value of the wrong type or range, a
@@ -262,7 +289,7 @@ def run_options(
     if config is not None:
         path = Path(config).expanduser()
         layers.append(_layer(read_config(path), f"{path}: ", path.parent))
-    layers.append(_layer(given))
+    layers.append(_layer(given or {}))
     values = {k: v for layer in layers for k, v in layer.values.items()}
     overrides = [item for layer in layers for item in layer.recipe]
     if "head" in values:
@@ -322,7 +349,7 @@ def from_command_line(
             continue
         value = _FROM_CLI.get(name, lambda v: v)(value)
         given[key] = value.value if isinstance(value, Enum) else value
-    return run_options(config, sets, **given)
+    return run_options(config, given, sets)
 
 
 # --------------------------------------------------------------------------- the run folder's run.toml
