@@ -204,9 +204,34 @@ Offline = Annotated[
 # --------------------------------------------------------------------------- run
 
 
+def _given(ctx: typer.Context) -> set[str]:
+    """The parameters typed on the command line (or set by an environment variable), not defaults."""
+    return {
+        name
+        for name in ctx.params
+        if (source := ctx.get_parameter_source(name)) is not None
+        and source.name in ("COMMANDLINE", "ENVIRONMENT", "PROMPT")
+    }
+
+
 @app.command()
 def run(
-    data: DataArg,
+    ctx: typer.Context,
+    data: Annotated[
+        Path | None,
+        typer.Argument(
+            metavar="DATA",
+            help="Folder of class subfolders (or train/ val/ [test/]); optional when --config gives data.",
+        ),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            metavar="FILE",
+            help="A run in a TOML file (e.g. a run folder's run.toml); options given here win.",
+        ),
+    ] = None,
     strategy: Annotated[
         str,
         typer.Option(
@@ -267,39 +292,26 @@ def run(
     """Train and evaluate on DATA; write a run.
 
     The strategy's recipe probes or fine-tunes the backbone; the run folder holds the model,
-    its metrics and report.html.
+    its metrics, report.html and run.toml, the resolved run.
+
+    --config FILE holds a whole run: top-level keys are this command's options by their names
+    (data, strategy, backbone, out, seed, ...; recipe_file for --recipe, cache = false for
+    --no-cache) and a [recipe] table holds recipe keys. Its relative paths are read from the
+    file's folder. What wins, lowest first:
+
+    \b
+      recipe:   packaged < recipe_file < [recipe] < head < --set
+      options:  the config file < options given on the command line
 
     Example: finetune run ./mydata --backbone vgg16 --strategy linear-probe
+
+    Again, another seed: finetune run --config runs/20260101-120000-lite0-linear-probe/run.toml --seed 1
     """
     from finetune.app.pipeline import run as run_pipeline
     from finetune.app.report import print_run_summary
-    from finetune.method import RunOptions
+    from finetune.runconfig import from_command_line
 
-    overrides = list(set_ or [])
-    if head is not None:
-        overrides.append(f'head="{head.value}"')
-    opts = RunOptions(
-        data=data,
-        strategy=strategy,
-        recipe_file=recipe,
-        overrides=tuple(overrides),
-        backbone=backbone,
-        weights=weights,
-        weights_map=weights_map.value,
-        pretrained=pretrained,
-        out=out,
-        val_fraction=val_fraction,
-        seed=seed,
-        device=device,
-        workers=workers,
-        labels_csv=labels,
-        resume=resume,
-        compile=compile_,
-        cache=not no_cache,
-        offline=offline,
-        keep_checkpoints=keep_checkpoints,
-        log=tuple(log or ("csv",)),
-    )
+    opts = from_command_line(ctx.params, _given(ctx), config)
     result = run_pipeline(opts)
     if result.main:  # under torchrun only rank 0 prints
         print_run_summary(result)

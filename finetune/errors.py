@@ -37,6 +37,10 @@ class RecipeError(FinetuneError):
     """A recipe key or value is wrong."""
 
 
+class ConfigError(FinetuneError):
+    """A run's settings (a `--config` file, or options given from Python) are wrong."""
+
+
 class RunError(FinetuneError):
     """A run folder is missing or is not a finetune run."""
 

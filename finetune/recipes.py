@@ -25,7 +25,7 @@ from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any
 
-from finetune.errors import RecipeError
+from finetune.errors import FinetuneError, RecipeError
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -167,19 +167,29 @@ class Recipe:
         lines, mult = [], []
         for key, value in self.to_dict().items():
             if key == "lr_mult":
-                mult = [f"{k} = {_toml_value(v)}" for k, v in value.items()]
+                mult = [f"{k} = {toml_value(v)}" for k, v in value.items()]
             else:
-                lines.append(f"{key} = {_toml_value(value)}")
+                lines.append(f"{key} = {toml_value(value)}")
         return "\n".join(lines + ["", "[lr_mult]"] + mult) + "\n"
 
 
-def _toml_value(v: Any) -> str:
+# A TOML basic string holds no raw control character but tab: the rest as \uXXXX (a newline in a
+# description, an odd byte in a path).
+_TOML_ESCAPES = {ord("\\"): "\\\\", ord('"'): '\\"'}
+_TOML_ESCAPES.update({c: f"\\u{c:04x}" for c in (*range(0x20), 0x7F) if c != 0x09})
+
+
+def toml_value(v: Any) -> str:
+    """One value as a TOML literal (bool, str, number, list): `toml_value("svm")` -> `'"svm"'`.
+
+    The one TOML writer of the package (recipes, the run folder's run.toml); `tomllib` reads it back.
+    """
     if isinstance(v, bool):
         return "true" if v else "false"
     if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+        return '"' + v.translate(_TOML_ESCAPES) + '"'
     if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+        return "[" + ", ".join(toml_value(x) for x in v) + "]"
     return repr(v)
 
 
@@ -346,19 +356,25 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
     return out
 
 
-def read_toml(path: Path | Traversable) -> dict[str, Any]:
-    """The TOML table of a recipe file (UTF-8, with or without a byte-order mark)."""
+def read_toml(
+    path: Path | Traversable, what: str = "recipe", error: type[FinetuneError] = RecipeError
+) -> dict[str, Any]:
+    """The TOML table of a file (UTF-8, with or without a byte-order mark); `error` if it is not one.
+
+    `what` names the file in the message ("recipe", "config file"); a TOML mistake says its line
+    and column.
+    """
     try:
         return tomllib.loads(path.read_bytes().decode("utf-8-sig"))
     except UnicodeDecodeError as err:
-        raise RecipeError(
-            f"recipe {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
+        raise error(
+            f"{what} {path} is not UTF-8 text (byte {err.object[err.start]:#04x} at offset {err.start})",
             "save it as UTF-8",
         ) from None
     except tomllib.TOMLDecodeError as err:
-        raise RecipeError(f"recipe {path} is not valid TOML: {err}", "fix the file") from None
+        raise error(f"{what} {path} is not valid TOML: {err}", "fix the file") from None
     except OSError as err:
-        raise RecipeError(f"cannot read recipe {path}: {err.strerror}", "check the path") from None
+        raise error(f"cannot read {what} {path}: {err.strerror}", "check the path") from None
 
 
 def list_recipes() -> list[str]:
@@ -465,7 +481,7 @@ def key_table() -> list[dict]:
                 "key": name,
                 "type": _type_of(name),
                 "methods": [m for m in METHODS if name in KEYS_BY_METHOD[m]],
-                "default": _toml_value(getattr(defaults, name)),
+                "default": toml_value(getattr(defaults, name)),
             }
         )
     return rows

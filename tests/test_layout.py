@@ -97,6 +97,7 @@ def test_layers_point_one_way():
         "finetune.models": 3,
         "finetune.features": 4,
         "finetune.method": 5,
+        "finetune.runconfig": 6,  # a run's options from a file or keywords: RunOptions and recipes
         "finetune.probe": 6,
         "finetune.train": 7,  # LP-FT: the fine-tuning loop starts from a probe's head
         "finetune.app": 8,

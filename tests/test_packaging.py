@@ -89,8 +89,9 @@ def test_help_shows_no_python_types_and_names_arguments_alike():
         res = invoke(*name.split(), "--help")
         assert res.exit_code == 0, (name, res.output)
         assert not re.search(r"<(list\[|str>|int>|float>|path>|Path>)", res.output), (name, res.output)
-    for name in ("run", "check", "advise", "compare", "extract-features"):
+    for name in ("check", "advise", "compare", "extract-features"):
         assert f" {name} [OPTIONS] {{DATA}}" in invoke(name, "--help").output
+    assert " run [OPTIONS] [DATA]" in invoke("run", "--help").output  # or `data` in its --config file
     for name in ("evaluate", "export"):
         assert f" {name} [OPTIONS] {{RUN}}" in invoke(name, "--help").output
 

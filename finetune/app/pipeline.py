@@ -6,7 +6,8 @@
     found.test.suggested, found.folder                                       # lr-find.csv, lr-find.png
 
 `--set lr=auto` runs the range test (`train/lrfind.py`) on the same data, backbone and recipe
-before training and trains with its suggestion, which the run folder records as the recipe's lr.
+before training and trains with its suggestion, which the run folder records as the recipe's lr
+(config.json, and run.toml: the resolved run, which `finetune run --config RUN/run.toml` repeats).
 
 A recipe's `method` picks the function that trains (`METHODS`: the probes of `probe/`, the
 fine-tuning loop of `train/`); each returns a `method.Outcome`, so everything after training
@@ -200,6 +201,7 @@ def open_network(opts: RunOptions, recipe):
 def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: float, dist) -> RunResult:
     from finetune.app.runfolder import RunConfig, new_run_dir, save_run
     from finetune.io import versions, write_json
+    from finetune.runconfig import write_run_toml
     from finetune.runtime import shared_path, stop_distributed
 
     bb, pre = open_network(opts, recipe)
@@ -261,6 +263,7 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
             extra={**outcome.extra, **({"advice": advice} if advice else {}), **found},
         )
         save_run(run_dir, outcome.tensors, config)
+        write_run_toml(run_dir, opts, recipe)  # `run --config RUN/run.toml` trains it again
         write_json(run_dir / "metrics.json", metrics)
         write_json(run_dir / "split.json", final.split_dict())
         write_json(run_dir / "problems.json", report)

@@ -3,6 +3,7 @@
     runs/20261123-101500-lite0-linear-probe/
         model.safetensors   trunk + head tensors (no pickle)
         config.json         backbone, weights source + sha256, classes, preprocessing, recipe, versions
+        run.toml            the resolved run (options + recipe): `finetune run --config` repeats it
         metrics.json        validation (and test) accuracy, per-class table
         split.json          which file went to train / val / test
         problems.json       files skipped or ignored, with reasons
