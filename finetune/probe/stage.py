@@ -1,4 +1,4 @@
-"""The stage-probe method: a linear head on every stage's pooled output; keep the best stage.
+"""The stage-probe method: a probe head on every stage's pooled output; keep the best stage.
 
 For data far from ImageNet the early stages (edges, textures) transfer better than the
 ImageNet-specific top. One pass over the images reads every stage tap (`features.extract_taps`),
@@ -97,7 +97,7 @@ def stage_probe(ctx: RunContext) -> Outcome:
     if all(r["cv_accuracy"] is None for r in rows):
         log.info("too few training images per class for cross-validation: keeping the top stage")
     log.info(
-        "per-stage linear probe (cross-validated on train; validation for information):\n"
+        f"per-stage probe, {recipe.head} head (cross-validated on train; validation for information):\n"
         + _table(rows, best)
     )
     log.info(f"keeping {best}: the network is cut there")
