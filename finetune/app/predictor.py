@@ -16,7 +16,9 @@ needs only ONNX Runtime, numpy and Pillow.
 Test-time augmentation (`tta=True`) runs the batch and its horizontal mirror (`x[..., ::-1]`,
 the preprocessed pixels flipped) and averages the two views' probabilities: softmax of each
 view's logits, or a kNN head's neighbour votes. An SVM head has no probabilities: its decision
-scores are averaged instead.
+scores are averaged instead. Mirroring the preprocessed pixels is mirroring the image, except
+that a centre crop with an odd margin (resize - crop) sits one resized pixel off centre, and its
+mirror one pixel the other way.
 
 `--device cuda` (or `mps`), FINETUNE_ENGINE=torch, and `auto` for a run trained on CUDA on a
 machine with an NVIDIA driver loaded take PyTorch instead.
