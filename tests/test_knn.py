@@ -236,3 +236,26 @@ def test_knn_on_a_fine_tune_is_refused_in_one_line(image_folder, tmp_path):
         "not used by the full-finetune recipe",
     )
     assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    ("edit", "needle"),
+    [
+        ({"k": 1000}, "k = 1000 neighbours of 24 training images"),
+        ({"k": 3, "bank": 20}, "does not match its config.json"),
+        (None, "lacks extra.knn"),
+    ],
+)
+def test_an_edited_knn_config_is_one_line(knn_run, tmp_path, edit, needle):
+    import shutil
+
+    run, base, _ = knn_run
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy, ignore=shutil.ignore_patterns("engine.*"))
+    config = json.loads((copy / "config.json").read_text())
+    if edit is None:
+        del config["extra"]["knn"]
+    else:
+        config["extra"]["knn"].update(edit)
+    (copy / "config.json").write_text(json.dumps(config))
+    one_line_error(invoke("predict", base / "held", "--run", copy), needle)
