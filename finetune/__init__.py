@@ -90,15 +90,15 @@ def load_run(run_dir):
     return _load_run(run_dir)
 
 
-def predict(run_dir, paths, top_k: int = 1, device: str = "auto") -> list[dict]:
+def predict(run_dir, paths, top_k: int = 1, device: str = "auto", tta: bool = False) -> list[dict]:
     """Rows {"path", "label", "score", "top"} (or {"path", "error"}) for image files and folders.
 
     `run_dir` None: the newest run under ./runs, else the packaged backbone's ImageNet labels.
     The run's network runs on ONNX Runtime from its cached export (see `finetune.app.predictor`);
-    `device="cuda"` runs it in PyTorch instead.
+    `device="cuda"` runs it in PyTorch instead. `tta=True` averages each image with its mirror image.
     """
     from finetune.app.predict import predict as _predict
 
     if isinstance(paths, (str, bytes)) or hasattr(paths, "__fspath__"):
         paths = [paths]
-    return list(_predict(paths, run_dir=run_dir, top_k=top_k, device=device).rows)
+    return list(_predict(paths, run_dir=run_dir, top_k=top_k, device=device, tta=tta).rows)

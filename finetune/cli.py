@@ -187,6 +187,18 @@ def _echo_json(obj: Any) -> None:
 class Head(str, Enum):
     logreg = "logreg"
     svm = "svm"
+    knn = "knn"
+
+
+class LinearHead(str, Enum):  # `finetune probe`'s DeCAF table compares the linear heads
+    logreg = "logreg"
+    svm = "svm"
+
+
+TTAOpt = Annotated[
+    bool,
+    typer.Option("--tta", help="Test-time augmentation: average each image with its mirror image."),
+]
 
 
 class WeightsMap(str, Enum):
@@ -242,7 +254,10 @@ def run(
         ),
     ] = "linear-probe",
     backbone: BackboneOpt = "lite0",
-    head: Annotated[Head | None, typer.Option(help="Probe head (overrides the recipe).")] = None,
+    head: Annotated[
+        Head | None,
+        typer.Option(help="Probe head: logreg, svm or knn (cosine k-NN; overrides the recipe)."),
+    ] = None,
     recipe: Annotated[
         Path | None, typer.Option("--recipe", metavar="FILE", help="A recipe TOML file of your own.")
     ] = None,
@@ -421,6 +436,7 @@ def predict(
         Path | None, typer.Option("--csv", metavar="FILE", help="Also write the rows to this CSV file.")
     ] = None,
     device: DeviceOpt = "auto",
+    tta: TTAOpt = False,
 ) -> None:
     """Classify images with a run's model.
 
@@ -433,7 +449,13 @@ def predict(
     from finetune.app.predict import stream
 
     result = stream(
-        paths, run_dir=run_dir, top_k=top_k, runs_root=runs_root, device=device, csv_file=csv_file
+        paths,
+        run_dir=run_dir,
+        top_k=top_k,
+        runs_root=runs_root,
+        device=device,
+        csv_file=csv_file,
+        tta=tta,
     )
     if as_json:
         for row in result.rows:
@@ -558,7 +580,8 @@ def probe(
         typer.Option("--layer", "-l", metavar="TAP", help="Layer(s) to probe (default: all)."),
     ] = None,
     head: Annotated[
-        list[Head] | None, typer.Option(metavar="HEAD", help="logreg and/or svm, repeatable (default: both).")
+        list[LinearHead] | None,
+        typer.Option(metavar="HEAD", help="logreg and/or svm, repeatable (default: both)."),
     ] = None,
     repeats: Annotated[
         int, typer.Option(metavar="N", min=1, help="Seeded stratified splits to average over.")
@@ -679,6 +702,7 @@ def evaluate(
     batch_size: Annotated[
         int, typer.Option("--batch-size", metavar="N", min=1, help="Images per forward pass.")
     ] = 64,
+    tta: TTAOpt = False,
 ) -> None:
     """Judge a run on a held-out folder.
 
@@ -697,6 +721,7 @@ def evaluate(
         workers=workers,
         labels_csv=labels,
         batch_size=batch_size,
+        tta=tta,
     )
     if as_json:
         _echo_json(ev.to_dict())

@@ -3,6 +3,14 @@
     ev = evaluate_run("runs/2026...-lite0-linear-probe", "holdout/")
     ev.metrics["accuracy"], ev.metrics["calibration"]["ece"]
     ev.files      # {"evaluation": ..., "predictions": ..., "confusion_matrix": ..., "reliability": ..., ...}
+    ev = evaluate_run(run, "holdout/", tta=True)    # each image averaged with its mirror image
+    ev.metrics["accuracy"], ev.metrics["without_tta"]["accuracy"]    # both figures
+
+With `tta`, the trunk also runs on the mirrored images (`models.classifier.Mirrored`, cached as
+features of their own) and each image's probabilities are the mean of the two views' (an SVM
+head's decision scores, which are no probabilities, are averaged likewise). The metrics,
+figures and predictions.json are those with TTA; `metrics["without_tta"]` keeps accuracy,
+balanced accuracy, macro-F1 (and top-5) of the first view alone.
 
 Every image of DATA is evaluated, whatever its split folder says. Results go to
 `RUN/eval-<data folder name>/` unless `out` says otherwise; never into DATA. When they land in
@@ -93,19 +101,31 @@ def _feature_identity(config):
     """
     from finetune.features.cache import FeatureIdentity
 
-    if config.head_kind not in ("logreg", "svm"):
+    if config.head_kind not in ("logreg", "svm", "knn"):
         return None
     sha = config.weights.get("sha256")
     return FeatureIdentity.of_parts(config.model, sha, config.tap, config.pool, config.preprocessing)
 
 
-def _scores(model, feats, probabilistic: bool) -> np.ndarray:
-    """(N, K) class scores of the run's head on trunk features; softmax for probabilistic heads."""
+def _scores(model, x: np.ndarray, outputs: str) -> np.ndarray:
+    """(N, K) class scores of the run's head on trunk features x (N, D); softmax when they are logits."""
     import torch
 
     with torch.inference_mode():
-        logits = model.head(torch.from_numpy(feats.x).float())  # (N, K)
-        return (torch.softmax(logits, dim=1) if probabilistic else logits).numpy()
+        z = model.head(torch.from_numpy(x).float())  # (N, K)
+        return (torch.softmax(z, dim=1) if outputs == "logits" else z).numpy()
+
+
+def _mirrored_identity(identity):
+    """The cache identity of features of the mirrored images: another preprocessing of the same files."""
+    import dataclasses
+
+    if identity is None:
+        return None
+    return dataclasses.replace(identity, preprocessing=(*identity.preprocessing, ("tta", '"hflip"')))
+
+
+HEADLINE = ("accuracy", "balanced_accuracy", "macro_f1", "top5_accuracy")  # kept of the view without TTA
 
 
 def evaluate_run(
@@ -117,6 +137,7 @@ def evaluate_run(
     labels_csv: str | os.PathLike | None = None,
     batch_size: int = 64,
     cache: bool = True,
+    tta: bool = False,
 ) -> Evaluation:
     """Predict every image of `data` with a run's model; write metrics and figures to `out`.
 
@@ -124,6 +145,8 @@ def evaluate_run(
         run_dir: a folder written by `finetune run`.
         data: class folders (or train/val/test folders, all of which are evaluated; or a CSV via labels_csv).
         out: where evaluation.json, predictions.json and the SVG figures go (default RUN/eval-<data name>/).
+        tta: average each image with its mirror image; the figures without it stay in
+            metrics["without_tta"].
 
     Raises:
         RunError: not a run folder. DataError: no images, classes the run does not know, `out` inside `data`.
@@ -142,30 +165,49 @@ def evaluate_run(
     y_all = _run_labels(index, run_classes)
 
     model, _, _ = load_run(run_dir)
-    feats = extract(
-        model.trunk,
-        index,
-        range(len(index.paths)),
-        config.preprocessing,
-        batch_size=batch_size,
-        workers=workers,
-        device=pick_device(device),
-        description="evaluating",
-        identity=_feature_identity(config),
-        cache=cache,
-    )
+    identity = _feature_identity(config)
+
+    def features(trunk, positions, description, ident):
+        return extract(
+            trunk,
+            index,
+            positions,
+            config.preprocessing,
+            batch_size=batch_size,
+            workers=workers,
+            device=pick_device(device),
+            description=description,
+            identity=ident,
+            cache=cache,
+        )
+
+    feats = features(model.trunk, range(len(index.paths)), "evaluating", identity)
     for pos, reason in sorted(feats.bad.items()):
         log.info(f"skipped {index.paths[pos]}: {reason}")
     if len(feats.x) == 0:
         raise DataError(f"no image in {index.root} could be read", "see the skipped files listed above")
 
     probabilistic = config.probabilistic
-    scores = _scores(model, feats, probabilistic)  # (N, K)
+    scores = _scores(model, feats.x, config.outputs)  # (N, K)
     y_true = np.asarray([y_all[int(p)] for p in feats.positions])  # (N,)
+    plain = None
+    if tta:
+        from finetune.models.classifier import Mirrored
+
+        plain = classification_metrics(y_true, scores.argmax(1), run_classes, scores)
+        mirrored = features(
+            Mirrored(model.trunk), feats.positions, "evaluating (mirrored)", _mirrored_identity(identity)
+        )
+        if not np.array_equal(mirrored.positions, feats.positions):  # a file changed between the passes
+            raise DataError(f"the images in {index.root} changed while being evaluated", "evaluate again")
+        scores = (scores + _scores(model, mirrored.x, config.outputs)) / 2  # (N, K) mean of the two views
     y_pred = scores.argmax(1)  # (N,)
     confidence = scores.max(1)  # (N,) top-1 probability (or SVM score)
     metrics = classification_metrics(y_true, y_pred, run_classes, scores)
     metrics["calibration"] = calibration_summary(confidence, y_true == y_pred) if probabilistic else None
+    if plain is not None:
+        metrics["tta"] = "hflip"
+        metrics["without_tta"] = {k: plain[k] for k in HEADLINE if k in plain}
 
     rows = [
         {

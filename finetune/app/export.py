@@ -6,7 +6,8 @@
 ONNX is written by the tool's one exporter (`features.engine.export_onnx`, the same file the
 feature engine and `finetune predict` run, checked against PyTorch before it is written); `pt2`
 is `torch.export`. The JSON says how to feed the model: input size, resize/crop, mean/std, class
-names, and whether the outputs are logits (softmax them) or SVM scores.
+names, and whether the outputs are logits (softmax them), probabilities (a kNN head: its
+training features are constants inside the file) or SVM scores.
 """
 
 from __future__ import annotations
@@ -17,6 +18,11 @@ from pathlib import Path
 from finetune.errors import RunError
 
 FORMATS = ("onnx", "pt2")
+OUTPUTS = {  # config.outputs -> how to read the model's outputs
+    "logits": "logits: apply softmax",
+    "probabilities": "probabilities (votes of the k nearest training images): use as they are",
+    "scores": "SVM scores: argmax, not probabilities",
+}
 
 
 def _model_bytes(model, fmt: str, size: int) -> bytes:
@@ -60,9 +66,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str = "onnx", out: str | os.Path
             "input": {"name": "images", "shape": ["batch", 3, size, size], "dtype": "float32"},
             "preprocessing": config.preprocessing.to_dict(),
             "class_names": classes,
-            "outputs": "logits: apply softmax"
-            if config.probabilistic
-            else "SVM scores: argmax, not probabilities",
+            "outputs": OUTPUTS[config.outputs],
             "backbone": config.backbone,
             "strategy": config.strategy,
         },

@@ -5,6 +5,7 @@
     for row in result.rows:  # {"path", "label", "score", "top": [{"label", "score"}, ...]}
         ...                   # or {"path", "error"} for a file that cannot be read
     predict(paths, run_dir).rows         # the same rows in a list (a handful of files)
+    predict(paths, run_dir, tta=True)    # each image averaged with its mirror image
     predict_rows(predictor, files)       # the loop itself: (predictor, paths) -> rows
 
 The classifier is `predictor.open_predictor`'s (ONNX Runtime on the run's cached export; torch
@@ -80,10 +81,10 @@ def _read_ahead(read: ArrayReader, files: Sequence[Path], workers: int, depth: i
             yield done, fut.result()
 
 
-def _rows(predictor: Predictor, batch: list, k: int) -> list[dict]:
+def _rows(predictor: Predictor, batch: list, k: int, tta: bool = False) -> list[dict]:
     """One row per (path, array | reason) of `batch`, in order; the arrays in one forward."""
     good = [x for _, x in batch if not isinstance(x, str)]
-    scores = predictor.scores(np.stack(good)) if good else np.zeros((0, 0), np.float32)  # (B, K)
+    scores = predictor.scores(np.stack(good), tta) if good else np.zeros((0, 0), np.float32)  # (B, K)
     top = np.argsort(-scores, axis=1, kind="stable")[:, :k]  # (B, k)
     names = predictor.class_names
     rows, g = [], 0
@@ -103,8 +104,12 @@ def predict_rows(
     top_k: int = 1,
     batch_size: int = 32,
     workers: int | None = None,
+    tta: bool = False,
 ) -> Iterator[dict]:
-    """Top-k classes of each file, one row per file as it comes; unreadable files get an `error` row."""
+    """Top-k classes of each file, one row per file as it comes; unreadable files get an `error` row.
+
+    `tta`: each image's scores are the mean over it and its mirror image (`Predictor.scores`).
+    """
     from finetune.data.loader import default_workers
 
     read = ArrayReader(predictor.preprocessing)
@@ -116,11 +121,11 @@ def predict_rows(
         for item in _read_ahead(read, files, workers, depth=2 * batch_size):
             batch.append(item)
             if len(batch) == batch_size:
-                yield from _rows(predictor, batch, k)
+                yield from _rows(predictor, batch, k, tta)
                 bar.advance(len(batch))
                 batch = []
         if batch:
-            yield from _rows(predictor, batch, k)
+            yield from _rows(predictor, batch, k, tta)
             bar.advance(len(batch))
 
 
@@ -157,9 +162,10 @@ def stream(
     device: str = "auto",
     csv_file: str | os.PathLike | None = None,
     batch_size: int = 32,
+    tta: bool = False,
 ) -> Prediction:
     """`finetune predict`: rows as they come (also to `csv_file`); a DataError after the last row
-    when no file at all could be classified."""
+    when no file at all could be classified. `tta`: average each image with its mirror image."""
     files = expand_paths(paths)
     predictor = open_predictor(run_dir, runs_root, device)
     writer = CsvRows(csv_file, max(1, min(top_k, len(predictor.class_names)))) if csv_file else None
@@ -167,7 +173,7 @@ def stream(
     def rows() -> Iterator[dict]:
         classified = 0
         try:
-            for row in predict_rows(predictor, files, top_k, batch_size):
+            for row in predict_rows(predictor, files, top_k, batch_size, tta=tta):
                 classified += "error" not in row
                 if writer is not None:
                     writer.write(row)
@@ -190,9 +196,13 @@ def predict(
     runs_root: str | os.PathLike = "runs",
     batch_size: int = 32,
     device: str = "auto",
+    tta: bool = False,
 ) -> Prediction:
-    """Top-k classes of each image, all rows in a list; unreadable files get a row with an `error`."""
+    """Top-k classes of each image, all rows in a list; unreadable files get a row with an `error`.
+
+    `tta`: each image's scores are the mean over it and its mirror image.
+    """
     files = expand_paths(paths)
     predictor = open_predictor(run_dir, runs_root, device)
-    rows = list(predict_rows(predictor, files, top_k, batch_size))
+    rows = list(predict_rows(predictor, files, top_k, batch_size, tta=tta))
     return Prediction(predictor.source, predictor.score_kind, rows, predictor.class_names)

@@ -3,6 +3,7 @@ backbone's ImageNet head when there is no run, on ONNX Runtime, with torch never
 
     p = open_predictor("runs/2026...-lite0-linear-probe")    # or None: newest run, else ImageNet
     p.scores(x)          # x: (B, 3, S, S) float32 numpy -> (B, K) probabilities (or SVM scores)
+    p.scores(x, tta=True)   # the mean over x and its mirror image (test-time augmentation)
     p.class_names, p.preprocessing, p.source, p.engine       # "onnxruntime" | "torch"
 
 The network is exported once (`features.engine.export_onnx`) and cached, keyed by the sha256 of
@@ -11,6 +12,13 @@ is rebuilt. The engine lives in the run folder (`engine.onnx` + `engine.json`); 
 folder caches it under the feature cache root instead, or, when neither can be written, the
 network is exported for each call. Building and exporting needs torch; using the cached file
 needs only ONNX Runtime, numpy and Pillow.
+
+Test-time augmentation (`tta=True`) runs the batch and its horizontal mirror (`x[..., ::-1]`,
+the preprocessed pixels flipped) and averages the two views' probabilities: softmax of each
+view's logits, or a kNN head's neighbour votes. An SVM head has no probabilities: its decision
+scores are averaged instead. Mirroring the preprocessed pixels is mirroring the image, except
+that a centre crop with an odd margin (resize - crop) sits one resized pixel off centre, and its
+mirror one pixel the other way.
 
 `--device cuda` (or `mps`), FINETUNE_ENGINE=torch, and `auto` for a run trained on CUDA on a
 machine with an NVIDIA driver loaded take PyTorch instead.
@@ -45,18 +53,26 @@ class Predictor:
     source: str  # which model answers: a run folder, or the ImageNet labels of the packaged backbone
     class_names: tuple[str, ...]
     preprocessing: Preprocessing
-    probabilistic: bool  # logits to softmax (logreg, fine-tune, ImageNet), or SVM scores as they are
-    forward: Callable[[np.ndarray], np.ndarray]  # (B, 3, S, S) float32 -> (B, K) logits or scores
+    outputs: str  # what forward returns: "logits" (softmaxed here), "probabilities" (kNN) or "scores" (SVM)
+    forward: Callable[[np.ndarray], np.ndarray]  # (B, 3, S, S) float32 -> (B, K) outputs
     engine: str  # "onnxruntime" | "torch"
 
     @property
     def score_kind(self) -> str:
-        return "probability" if self.probabilistic else "score"
+        return "score" if self.outputs == "scores" else "probability"
 
-    def scores(self, x: np.ndarray) -> np.ndarray:
-        """(B, 3, S, S) float32 -> (B, K) float32: softmax probabilities, or the SVM's scores."""
-        z = self.forward(x)  # (B, K)
-        if not self.probabilistic:
+    def scores(self, x: np.ndarray, tta: bool = False) -> np.ndarray:
+        """(B, 3, S, S) float32 -> (B, K) float32: probabilities, or the SVM's scores.
+
+        `tta`: the mean over x and its mirror image x[..., ::-1] (one forward of both views).
+        """
+        if not tta:
+            return self._view_scores(self.forward(x))
+        both = self.forward(np.concatenate([x, x[..., ::-1]]))  # (2B, K): the views in one batch
+        return self._view_scores(both).reshape(2, len(x), -1).mean(axis=0)
+
+    def _view_scores(self, z: np.ndarray) -> np.ndarray:
+        if self.outputs != "logits":
             return z
         e = np.exp(z - z.max(axis=1, keepdims=True))
         return e / e.sum(axis=1, keepdims=True)
@@ -156,9 +172,7 @@ def open_run(run_dir: str | os.PathLike, device: str = "auto") -> Predictor:
         "the run's classifier",
         _torch_device(device, str(config.extra.get("device", ""))),
     )
-    return Predictor(
-        str(run_dir), config.class_names, config.preprocessing, config.probabilistic, forward, engine
-    )
+    return Predictor(str(run_dir), config.class_names, config.preprocessing, config.outputs, forward, engine)
 
 
 def open_imagenet(device: str = "auto", why: str = "") -> Predictor:
@@ -176,7 +190,7 @@ def open_imagenet(device: str = "auto", why: str = "") -> Predictor:
     what = f"{DEFAULT_BACKBONE} with its ImageNet head"
     forward, engine = _forward(key, lambda: bb.model, pre.input_size, places, what, _torch_device(device))
     source = f"ImageNet-1k labels ({DEFAULT_BACKBONE}{'; ' + why if why else ''})"
-    return Predictor(source, tuple(imagenet_class_names()), pre, True, forward, engine)
+    return Predictor(source, tuple(imagenet_class_names()), pre, "logits", forward, engine)
 
 
 def open_predictor(

@@ -97,6 +97,12 @@ def print_evaluation(ev: Any) -> None:
     if "top5_accuracy" in m:
         line += f"  top-5: {m['top5_accuracy']:.4f}"
     console.print(line)
+    if "without_tta" in m:
+        plain = m["without_tta"]["accuracy"]
+        console.print(
+            f"with TTA (mirror image): accuracy {m['accuracy']:.4f}, without: {plain:.4f} "
+            f"({m['accuracy'] - plain:+.4f}); the figures here are with TTA"
+        )
     if m.get("calibration") is not None:
         console.print(f"calibration: ECE {m['calibration']['ece']:.4f} ({m['calibration']['n_bins']} bins)")
     else:
@@ -233,9 +239,12 @@ def _head_text(config: dict) -> str:
     kind = config.get("head_kind", "")
     if kind == "finetune":
         return "linear layer, trained with the network"
-    return {"logreg": "logistic regression (folded into a linear layer)", "svm": "linear SVM (folded)"}.get(
-        kind, kind
-    )
+    k = config.get("extra", {}).get("knn", {}).get("k", "?")
+    return {
+        "logreg": "logistic regression (folded into a linear layer)",
+        "svm": "linear SVM (folded)",
+        "knn": f"cosine k-nearest neighbours (k = {k}, the training features in the model)",
+    }.get(kind, kind)
 
 
 def _config_section(config: dict) -> str:

@@ -49,7 +49,7 @@ class RunConfig:
     class_names: tuple[str, ...]
     preprocessing: Preprocessing
     strategy: str
-    head_kind: str  # "logreg" (probabilities) | "svm" (scores) | "finetune" (softmax)
+    head_kind: str  # "logreg" | "finetune" (logits) | "svm" (scores) | "knn" (probabilities; extra["knn"])
     weights: dict = field(default_factory=dict)
     recipe: dict = field(default_factory=dict)
     data: dict = field(default_factory=dict)
@@ -60,6 +60,12 @@ class RunConfig:
     @property
     def probabilistic(self) -> bool:
         return self.head_kind != "svm"
+
+    @property
+    def outputs(self) -> str:
+        """What the model's (B, K) outputs are: "logits" (softmax them), "probabilities" (a kNN
+        head's neighbour votes, used as they are) or "scores" (an SVM's, no probabilities)."""
+        return {"svm": "scores", "knn": "probabilities"}.get(self.head_kind, "logits")
 
     def to_dict(self) -> dict:
         return {
@@ -180,10 +186,32 @@ def read_config(run_dir: str | os.PathLike) -> RunConfig:
     return RunConfig.from_dict(raw)
 
 
-def build_model(config: RunConfig):
-    """The run's architecture with random weights: backbone cut at its tap + Linear head."""
+def _empty_head(config: RunConfig, dim: int):
+    """The head's module with placeholder weights: nn.Linear, or a KNNHead sized by config.json."""
     from torch import nn
 
+    from finetune.models.classifier import KNNHead
+
+    if config.head_kind != "knn":
+        return nn.Linear(dim, len(config.class_names))
+    knn = config.extra.get("knn")
+    if not isinstance(knn, dict) or not all(
+        isinstance(knn.get(k), int) and knn[k] >= 1 for k in ("k", "bank")
+    ):
+        raise RunError(
+            "config.json of a kNN run lacks extra.knn {k, bank} (neighbours, training images)",
+            "re-run `finetune run`, or undo the edit to config.json",
+        )
+    if knn["k"] > knn["bank"]:
+        raise RunError(
+            f"config.json: k = {knn['k']} neighbours of {knn['bank']} training images",
+            "re-run `finetune run`, or undo the edit to config.json",
+        )
+    return KNNHead.empty(knn["bank"], dim, len(config.class_names), knn["k"])
+
+
+def build_model(config: RunConfig):
+    """The run's architecture with placeholder weights: backbone cut at its tap + its head."""
     from finetune.models.anatomy import build_trunk, feature_dim
     from finetune.models.backbone import build
     from finetune.models.catalogue import resolve
@@ -193,7 +221,7 @@ def build_model(config: RunConfig):
     bb = build(spec, pretrained=False)
     trunk = build_trunk(bb.model, config.tap, config.pool)
     dim = feature_dim(trunk, max(config.preprocessing.input_size, spec.min_input))
-    return Classifier(trunk, nn.Linear(dim, len(config.class_names)))
+    return Classifier(trunk, _empty_head(config, dim))
 
 
 def load_run(run_dir: str | os.PathLike):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -21,16 +23,31 @@ from finetune.features.cache import trunk_tensors
 from finetune.features.extract import Features, extract_taps
 from finetune.method import Outcome, RunContext
 from finetune.metrics import classification_metrics
-from finetune.probe.heads import FittedHead, fit_head, fold
+from finetune.probe.heads import fit_head, fold
 
 log = logging.getLogger(__name__)
 
 
-def _say_fit(ctx: RunContext, head: FittedHead) -> None:
-    if head.n_folds == 0:
-        log.info("too few images per class for cross-validation: using C = 1")
-    else:
-        log.info(f"head: {head.kind}, C = {head.C:g} chosen by {head.n_folds}-fold cross-validation")
+@dataclass(frozen=True)
+class ProbeHead:
+    """A fitted probe head of any kind: what the saved model's head holds and computes, and what the
+    run records about it. `scores` is the numpy twin of the saved head (probabilities, or SVM scores)."""
+
+    kind: str  # "logreg" | "svm" | "knn"
+    tensors: dict[str, np.ndarray]  # the Classifier's "head.*" entries
+    scores: Callable[[np.ndarray], np.ndarray]  # features (N, D) -> (N, K), as predict reports them
+    choice: dict  # what cross-validation chose: {"C": 0.1} or {"k": 5}
+    cv_scores: dict  # candidate -> mean CV accuracy ({} without CV)
+    n_folds: int  # 0: too few images per class for cross-validation
+    extra: dict = field(default_factory=dict)  # config.json's extra (a kNN head's k and bank size)
+
+    @property
+    def cv_accuracy(self) -> float | None:
+        return max(self.cv_scores.values()) if self.cv_scores else None
+
+    @property
+    def setting(self) -> str:
+        return ", ".join(f"{k} = {v:g}" for k, v in self.choice.items())
 
 
 def softmax(z: np.ndarray) -> np.ndarray:
@@ -40,15 +57,64 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def evaluate_split(
-    ctx: RunContext, feats: Features, split: str, folded: tuple[np.ndarray, np.ndarray], head_kind: str
-) -> tuple[dict, list[dict]]:
-    """Metrics and per-image predictions of the folded head (W, b) on one split."""
+def _linear_head(x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int) -> ProbeHead:
+    """Logistic regression or linear SVM, folded into one nn.Linear (`heads.fold`)."""
+    head = fit_head(x, y, kind=kind, c_grid=c_grid, seed=seed)
+    w, b = fold(head)
+
+    def scores(f: np.ndarray) -> np.ndarray:
+        z = f @ w.T + b  # (N, K) float32, what the saved nn.Linear computes
+        return z if kind == "svm" else softmax(z)
+
+    cv = {f"{c:g}": s for c, s in head.cv_scores.items()}
+    return ProbeHead(kind, {"head.weight": w, "head.bias": b}, scores, {"C": head.C}, cv, head.n_folds)
+
+
+def _knn_head(x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int) -> ProbeHead:
+    """Cosine k-nearest neighbours on the training features (`probe/knn.py`); c_grid is not used."""
+    from finetune.probe.knn import fit_knn, knn_proba, knn_tensors
+
+    knn = fit_knn(x, y, seed=seed)
+    bank, onehot = knn_tensors(knn)
+    extra = {"knn": {"k": knn.k, "bank": int(bank.shape[0])}}
+    cv = {str(k): s for k, s in knn.cv_scores.items()}
+    return ProbeHead(
+        "knn",
+        {"head.bank": bank, "head.onehot": onehot},
+        lambda f: knn_proba(knn, f),
+        {"k": knn.k},
+        cv,
+        knn.n_folds,
+        extra,
+    )
+
+
+# The recipe's `head` -> how it is fitted (recipes.CHOICES["head"] names the same kinds).
+PROBE_HEADS: dict[str, Callable[..., ProbeHead]] = {
+    "logreg": _linear_head,
+    "svm": _linear_head,
+    "knn": _knn_head,
+}
+
+
+def fit_probe_head(
+    x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int
+) -> ProbeHead:
+    """The recipe's head on training features x (N, D), labels y (N,); its choice by stratified CV."""
+    return PROBE_HEADS[kind](x, y, kind, c_grid, seed)
+
+
+def _say_fit(ctx: RunContext, head: ProbeHead) -> None:
+    if head.n_folds == 0:
+        log.info(f"too few images per class for cross-validation: using {head.setting}")
+    else:
+        log.info(f"head: {head.kind}, {head.setting} chosen by {head.n_folds}-fold cross-validation")
+
+
+def evaluate_split(ctx: RunContext, feats: Features, split: str, head: ProbeHead) -> tuple[dict, list[dict]]:
+    """Metrics and per-image predictions of the fitted head on one split."""
     sub = feats.subset(ctx.positions(split))
-    w, b = folded
-    scores = sub.x @ w.T + b  # (N, K) float32, what the saved nn.Linear computes
-    if head_kind != "svm":
-        scores = softmax(scores)
+    scores = head.scores(sub.x)  # (N, K)
     pred = scores.argmax(1)
     metrics = classification_metrics(sub.labels, pred, ctx.index.classes, scores)
     rows = [
@@ -98,31 +164,30 @@ def linear_probe(ctx: RunContext) -> Outcome:
     train = feats.subset(ctx.positions("train"))
     if len(train.x) == 0:
         raise DataError("no training images could be read", "run `finetune check DATA` to see why")
-    head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=recipe.c_grid, seed=recipe.seed)
+    head = fit_probe_head(train.x, train.labels, recipe.head, recipe.c_grid, recipe.seed)
     t2 = time.perf_counter()
     _say_fit(ctx, head)
-    folded = fold(head)
     metrics: dict = {}
     predictions: list[dict] = []
     for split in ("val", "test"):
         if ctx.positions(split):
-            metrics[split], rows = evaluate_split(ctx, feats, split, folded, head.kind)
+            metrics[split], rows = evaluate_split(ctx, feats, split, head)
             predictions += rows
     metrics.update(head_and_timing(head, feats, (t0, t1, t2)))
     return Outcome(
-        model_tensors(ctx, recipe.layer, folded),
+        model_tensors(ctx, recipe.layer, head),
         recipe.layer,
         head.kind,
         metrics,
         predictions,
-        ran_on(ctx, feats),
+        {**ran_on(ctx, feats), **head.extra},
     )
 
 
-def model_tensors(ctx: RunContext, tap: str, folded: tuple[np.ndarray, np.ndarray]) -> dict:
-    """The saved Classifier's tensors: the network cut at `tap` (cached) and the folded head."""
+def model_tensors(ctx: RunContext, tap: str, head: ProbeHead) -> dict:
+    """The saved Classifier's tensors: the network cut at `tap` (cached) and the fitted head."""
     trunk = trunk_tensors(ctx.backbone, tap, ctx.recipe.pool, ctx.preprocessing, cache=ctx.options.cache)
-    return {**trunk, "head.weight": folded[0], "head.bias": folded[1]}
+    return {**trunk, **head.tensors}
 
 
 def ran_on(ctx: RunContext, feats: Features) -> dict:
@@ -134,17 +199,12 @@ def ran_on(ctx: RunContext, feats: Features) -> dict:
     return {"device": str(pick_device(ctx.options.device))}
 
 
-def head_and_timing(head: FittedHead, feats: Features, marks: tuple[float, float, float]) -> dict:
+def head_and_timing(head: ProbeHead, feats: Features, marks: tuple[float, float, float]) -> dict:
     """metrics.json's "head" and "timing" entries; marks = (start, features done, head fitted)."""
     t0, t1, t2 = marks
     n = len(feats.x)
     return {
-        "head": {
-            "kind": head.kind,
-            "C": head.C,
-            "folds": head.n_folds,
-            "cv_accuracy": {f"{c:g}": s for c, s in head.cv_scores.items()},
-        },
+        "head": {"kind": head.kind, **head.choice, "folds": head.n_folds, "cv_accuracy": head.cv_scores},
         "timing": {
             "extract_s": round(t1 - t0, 3),
             "extract_img_per_s": round(n / max(t1 - t0, 1e-9), 2),

@@ -1,4 +1,4 @@
-"""The stage-probe method: a linear head on every stage's pooled output; keep the best stage.
+"""The stage-probe method: a probe head on every stage's pooled output; keep the best stage.
 
 For data far from ImageNet the early stages (edges, textures) transfer better than the
 ImageNet-specific top. One pass over the images reads every stage tap (`features.extract_taps`),
@@ -19,8 +19,14 @@ from finetune.console import text_table
 from finetune.errors import DataError
 from finetune.features.extract import Features
 from finetune.method import Outcome, RunContext
-from finetune.probe.heads import fit_head, fold
-from finetune.probe.linear import evaluate_split, extract_all, head_and_timing, model_tensors, ran_on
+from finetune.probe.linear import (
+    evaluate_split,
+    extract_all,
+    fit_probe_head,
+    head_and_timing,
+    model_tensors,
+    ran_on,
+)
 
 log = logging.getLogger(__name__)
 
@@ -39,19 +45,20 @@ def choose_stage(rows: list[dict]) -> str:
 
 
 def _table(rows: list[dict], best: str) -> str:
-    """The per-stage table as aligned text, the chosen stage marked."""
+    """The per-stage table as aligned text, the chosen stage marked (C, or k for a kNN head)."""
+    knob = "k" if "k" in rows[0] else "C"
     cells = [
         [
             r["stage"],
             r["dim"],
             "-" if r["cv_accuracy"] is None else f"{r['cv_accuracy']:.4f}",
             f"{r['accuracy']:.4f}",
-            f"{r['C']:g}",
+            f"{r[knob]:g}",
             "<- chosen" if r["stage"] == best else "",
         ]
         for r in rows
     ]
-    return text_table(["stage", "dim", "cv accuracy", "val accuracy", "C", ""], cells, right=(1, 2, 3, 4))
+    return text_table(["stage", "dim", "cv accuracy", "val accuracy", knob, ""], cells, right=(1, 2, 3, 4))
 
 
 def stage_probe(ctx: RunContext) -> Outcome:
@@ -73,37 +80,35 @@ def stage_probe(ctx: RunContext) -> Outcome:
     for tap in candidates:
         f: Features = feats[tap]
         train = f.subset(ctx.positions("train"))
-        head = fit_head(train.x, train.labels, kind=recipe.head, c_grid=grid, seed=recipe.seed)
-        folded = fold(head)
-        acc, _ = evaluate_split(ctx, f, "val", folded, head.kind)
-        cv = max(head.cv_scores.values()) if head.cv_scores else None
+        head = fit_probe_head(train.x, train.labels, recipe.head, grid, recipe.seed)
+        acc, _ = evaluate_split(ctx, f, "val", head)
         rows.append(
             {
                 "stage": tap,
                 "dim": int(train.x.shape[1]),
-                "cv_accuracy": cv,
+                "cv_accuracy": head.cv_accuracy,
                 "accuracy": acc["accuracy"],
-                "C": head.C,
+                **head.choice,
             }
         )
-        fitted[tap] = (head, folded)
+        fitted[tap] = head
     t2 = time.perf_counter()
     best = choose_stage(rows)
     if all(r["cv_accuracy"] is None for r in rows):
         log.info("too few training images per class for cross-validation: keeping the top stage")
     log.info(
-        "per-stage linear probe (cross-validated on train; validation for information):\n"
+        f"per-stage probe, {recipe.head} head (cross-validated on train; validation for information):\n"
         + _table(rows, best)
     )
     log.info(f"keeping {best}: the network is cut there")
 
-    head, folded = fitted[best]
+    head = fitted[best]
     metrics: dict = {"stages": rows, "best_stage": best}
     predictions: list[dict] = []
     for split in ("val", "test"):
         if ctx.positions(split):
-            metrics[split], preds = evaluate_split(ctx, feats[best], split, folded, head.kind)
+            metrics[split], preds = evaluate_split(ctx, feats[best], split, head)
             predictions += preds
     metrics.update(head_and_timing(head, first, (t0, t1, t2)))
-    tensors = model_tensors(ctx, best, folded)
-    return Outcome(tensors, best, head.kind, metrics, predictions, ran_on(ctx, first))
+    tensors = model_tensors(ctx, best, head)
+    return Outcome(tensors, best, head.kind, metrics, predictions, {**ran_on(ctx, first), **head.extra})
