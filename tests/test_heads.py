@@ -9,7 +9,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import LinearSVC
 
-from finetune.probe.heads import FittedHead, cv_folds, fit_head, fold
+from finetune.probe.heads import FittedHead, cv_folds, fit_head, fold, smoothed_cross_entropy, temperature
 
 
 def _blobs(n_classes: int, n: int = 40, d: int = 12, seed: int = 0):
@@ -166,3 +166,30 @@ def test_head_fit_does_not_import_torch():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_smoothed_cross_entropy_is_torchs_label_smoothed_loss():
+    rng = np.random.default_rng(0)
+    z, y = rng.normal(0, 5, (40, 6)), rng.integers(0, 6, 40)
+    for eps in (0.0, 0.1, 0.3):
+        ref = torch.nn.CrossEntropyLoss(label_smoothing=eps)(torch.from_numpy(z), torch.from_numpy(y))
+        assert smoothed_cross_entropy(z, y, eps) == pytest.approx(float(ref), abs=1e-9)
+
+
+@pytest.mark.parametrize("scale", [0.05, 1.0, 30.0])
+def test_temperature_finds_the_minimum_of_the_fine_tuning_loss_along_the_heads_scale(scale):
+    """The LP-FT head is divided by T: checked against a dense grid of T on torch's own loss."""
+    rng = np.random.default_rng(1)
+    y = rng.integers(0, 5, 300)
+    z = rng.normal(0, 1, (300, 5))
+    z[np.arange(300), y] += 2.0  # mostly right, as a probe on its training features
+    z *= scale  # 30: near-certain logits (an unregularized probe); 0.05: a timid one
+    t = temperature(z, y, label_smoothing=0.1)
+    grid = np.exp(np.linspace(np.log(1e-2), np.log(1e3), 2001))
+    zt, yt, loss = torch.from_numpy(z), torch.from_numpy(y), torch.nn.CrossEntropyLoss(label_smoothing=0.1)
+    losses = [float(loss(zt / g, yt)) for g in grid]
+    best = grid[int(np.argmin(losses))]
+    assert smoothed_cross_entropy(z / t, y, 0.1) <= min(losses) + 1e-6
+    assert t == pytest.approx(best, rel=0.02)
+    assert (t > 1) == (scale > 1)  # near-certain logits are cooled, timid ones sharpened
+    assert np.array_equal((z / t).argmax(1), z.argmax(1))

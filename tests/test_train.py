@@ -821,3 +821,5 @@ def test_fine_tuning_never_returns_a_model_worse_than_its_linear_probe_start(
     assert [float(r["val_accuracy"]) for r in history] == [0.5, 0.5]  # what the wiped head scores
     head = load_file(run_dir / "model.safetensors")
     assert any(float(v.abs().sum()) > 0 for k, v in head.items() if k.startswith("head."))
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["extra"]["probe_head"]["temperature"] > 0  # the probe was scaled to the loss

@@ -329,3 +329,35 @@ def scores_numpy(head: FittedHead, x: np.ndarray) -> np.ndarray:
     """(N, K) scores of the unfolded head, as sklearn computes them (the test reference)."""
     z = ((np.asarray(x, np.float64) - head.mean) / head.scale) @ head.coef.T + head.intercept
     return np.concatenate([-z / 2, z / 2], axis=1) if z.shape[1] == 1 else z
+
+
+def smoothed_cross_entropy(z: np.ndarray, y: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """Mean cross-entropy of logits z (n, K) against labels smoothed as torch's
+    `CrossEntropyLoss(label_smoothing=eps)`: target (1 - eps) on the label plus eps / K on every class."""
+    z = np.asarray(z, np.float64)
+    logp = z - z.max(axis=1, keepdims=True)
+    logp -= np.log(np.exp(logp).sum(axis=1, keepdims=True))
+    nll = -logp[np.arange(len(y)), y]
+    return float(((1 - label_smoothing) * nll - label_smoothing * logp.mean(axis=1)).mean())
+
+
+def temperature(z: np.ndarray, y: np.ndarray, label_smoothing: float = 0.0) -> float:
+    """T > 0 minimizing `smoothed_cross_entropy(z / T, y, label_smoothing)` (bounded search on log T).
+
+    LP-FT's starting head is divided by it, so fine-tuning starts at the minimum of its own loss
+    along the head's scale. A probe fitted with little regularization is near-certain on its
+    training images; under label smoothing that costs a loss far above the minimum (measured on
+    the fonts style-shift set of `benchmarks/transfer.py`: 2.06 at T = 1 against 0.71 at T = 4),
+    and the gradients of that loss flow into the trunk in the first steps (validation accuracy
+    fell from 0.75 to 0.56 in the first epoch). Dividing every logit by T keeps every prediction.
+    """
+    from scipy.optimize import minimize_scalar
+
+    z = np.asarray(z, np.float64)
+    best = minimize_scalar(
+        lambda log_t: smoothed_cross_entropy(z / np.exp(log_t), y, label_smoothing),
+        bounds=(np.log(1e-2), np.log(1e3)),
+        method="bounded",
+        options={"xatol": 1e-4},
+    )
+    return float(np.exp(best.x))

@@ -23,7 +23,7 @@ from finetune.features.cache import trunk_tensors
 from finetune.features.extract import Features, extract_taps
 from finetune.method import Outcome, RunContext
 from finetune.metrics import classification_metrics
-from finetune.probe.heads import fit_head, fold
+from finetune.probe.heads import fit_head, fold, temperature
 
 log = logging.getLogger(__name__)
 
@@ -222,7 +222,10 @@ def lpft_head(ctx: RunContext, trunk: Any, device: Any) -> tuple[np.ndarray, np.
     Fitted on the raw features (`standardize=False`), not folded from standardized ones: folding
     divides by each feature's std, and features that barely vary on eval images get weights in
     the hundreds; once fine-tuning moves them (batch statistics, augmentation) the logits explode
-    (measured: loss 150+ on digits). Raw-feature weights stay O(1).
+    (measured: loss 150+ on digits). Raw-feature weights stay O(1). The head is then divided by
+    the temperature that minimizes fine-tuning's own loss (label smoothing included) on these
+    features (`heads.temperature`): the same predictions, without the near-certain logits whose
+    loss would push the trunk hardest in the first steps.
 
     Under torchrun every rank calls it: the extraction is a collective (images sharded, rows
     gathered on every rank, what to extract decided by rank 0), so every rank fits this head on
@@ -256,5 +259,7 @@ def lpft_head(ctx: RunContext, trunk: Any, device: Any) -> tuple[np.ndarray, np.
         feats.x, feats.labels, kind="logreg", c_grid=recipe.c_grid, seed=recipe.seed, standardize=False
     )
     w, b = fold(head)
-    log.info(f"head seeded by a linear probe (C = {head.C:g}) before fine-tuning")
-    return w, b, {"C": head.C, "folds": head.n_folds}
+    t = temperature(feats.x @ w.T + b, feats.labels, recipe.label_smoothing)
+    w, b = (w / t).astype(np.float32), (b / t).astype(np.float32)
+    log.info(f"head seeded by a linear probe (C = {head.C:g}, logits / {t:.3g}) before fine-tuning")
+    return w, b, {"C": head.C, "folds": head.n_folds, "temperature": round(t, 4)}
