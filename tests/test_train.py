@@ -37,6 +37,7 @@ from finetune.train.checkpoint import load_checkpoint, save_checkpoint
 from finetune.train.loop import _OOM, Progress, fit, predict, prepare, run_finetune
 from finetune.train.setup import frozen_norm_layers
 from finetune.train.signals import Interrupted
+from tests.conftest import tree_digest
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -823,3 +824,47 @@ def test_fine_tuning_never_returns_a_model_worse_than_its_linear_probe_start(
     assert any(float(v.abs().sum()) > 0 for k, v in head.items() if k.startswith("head."))
     config = json.loads((run_dir / "config.json").read_text())
     assert config["extra"]["probe_head"]["temperature"] > 0  # the probe was scaled to the loss
+
+
+@pytest.mark.parametrize("fine_tune_fails", [True, False])
+def test_auto_measures_a_stage_probe_beside_a_full_finetune_and_keeps_the_better(
+    make_folder, tmp_path, monkeypatch, fine_tune_fails
+):
+    """auto's "a lot of data, unlike ImageNet" cell: the fine-tune and a stage-probe on one split."""
+    advice = {"strategy": "full-finetune", "reason": "a lot of data, unlike ImageNet (test)"}
+    monkeypatch.setattr(pipeline, "resolve_strategy", lambda opts, index: ("full-finetune", advice))
+    if fine_tune_fails:  # every step wipes the head and its start is not kept: the fine-tune scores 0.5
+
+        def ruin(t, x, y):
+            with torch.no_grad():
+                t.model.head.weight.zero_()
+                t.model.head.bias.zero_()
+            return float(len(y)) * math.log(2), 0, len(y)
+
+        monkeypatch.setattr(finetune.train.loop, "train_step", ruin)
+        monkeypatch.setattr(finetune.train.loop, "keep_start", lambda t: None)
+    data, out = make_folder({"red": 8, "blue": 8}), tmp_path / "runs"
+    before = tree_digest(data)
+    res = runner.invoke(app, tiny_run_args(data, out, "auto", "epochs=2"))
+    assert res.exit_code == 0, res.output
+    (run_dir,) = out.iterdir()
+    config = json.loads((run_dir / "config.json").read_text())
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    compared = config["extra"]["auto"]["compared"]
+    assert set(compared) == {"full-finetune", "stage-probe"} and compared["stage-probe"] == 1.0
+    kept = "stage-probe" if fine_tune_fails else "full-finetune"
+    assert config["extra"]["auto"]["kept"] == kept == config["strategy"]
+    assert run_dir.name.endswith(f"-{kept}")  # named after the model it holds
+    assert metrics["val"]["accuracy"] == max(compared.values())
+    assert metrics["headline_label"] == "val (used for selection)"
+    assert not (run_dir / "checkpoint").exists()
+    if fine_tune_fails:
+        assert compared["full-finetune"] == 0.5
+        assert not (run_dir / "history.csv").exists()  # not this model's curves
+        assert (run_dir / "full-finetune-history.csv").exists()
+    else:
+        assert (run_dir / "history.csv").exists()
+    one = next((data / "red").iterdir())
+    res = runner.invoke(app, ["predict", str(one), "--run", str(run_dir)])
+    assert res.exit_code == 0 and "red" in res.output, res.output
+    assert tree_digest(data) == before
