@@ -398,11 +398,21 @@ def run_toml(opts: RunOptions, recipe: Recipe) -> str:
     return "\n".join(lines) + "\n"
 
 
-def write_run_toml(run_dir: Path, opts: RunOptions, recipe: Recipe) -> Path:
-    """RUN/run.toml, written atomically (as config.json)."""
+def write_run_toml(run_dir: Path, opts: RunOptions, recipe: Recipe) -> Path | None:
+    """RUN/run.toml, written atomically (as config.json); None, said in one line, when a path in it
+    is not valid UTF-8 (a folder name of raw bytes): TOML holds only Unicode text."""
+    import logging
+
     from finetune.io import atomic_write
 
-    text = run_toml(opts, recipe).encode("utf-8")
+    try:
+        text = run_toml(opts, recipe).encode("utf-8")
+    except UnicodeEncodeError:
+        logging.getLogger(__name__).warning(
+            "run.toml not written: a path of this run is not valid UTF-8, which TOML cannot hold "
+            "(config.json records the run)"
+        )
+        return None
     path = Path(run_dir) / RUN_FILE
     atomic_write(path, lambda fh: fh.write(text))
     return path

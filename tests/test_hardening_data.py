@@ -257,6 +257,7 @@ def test_non_utf8_class_and_root_names_never_crash_the_report_or_the_console(tmp
     run_dir = next((tmp_path / "runs").iterdir())
     html = (run_dir / "report.html").read_bytes().decode("utf-8")  # written, and valid UTF-8
     assert "bl?ue" in html and "\u65e5\u672c" in html
+    assert not (run_dir / "run.toml").exists()  # TOML cannot hold the raw bytes: said, not crashed
 
 
 def test_scan_refuses_a_missing_csv_with_one_line(tmp_path):
