@@ -142,9 +142,12 @@ def run(data: Path, strategy: str, sets: list[str], image_size: int, out: Path) 
     metrics = json.loads((run_dir / "metrics.json").read_text())
     config = json.loads((run_dir / "config.json").read_text())
     recipe = config.get("recipe", {})
+    chose = recipe.get("name", strategy)
+    measured = config.get("extra", {}).get("auto", {}).get("compared", {})  # auto's two candidates
+    others = [f"{name} {acc:.4f}" for name, acc in measured.items() if name != chose and acc is not None]
     return {
         "accuracy": metrics["val"]["accuracy"],
-        "strategy": recipe.get("name", strategy),
+        "strategy": chose + (f" (over {', '.join(others)})" if others else ""),
         "seconds": seconds,
         "run_dir": str(run_dir),
     }
@@ -167,7 +170,7 @@ def main() -> None:
     out.mkdir(exist_ok=True)
     label = " ".join(args.set) or "packaged recipe"
     compared = f"{args.strategy} ({label})"
-    print(f"{'set':<8} {'linear probe':>13} {compared:>40} {'chose':>17} {'diff':>7}")
+    print(f"{'set':<8} {'linear probe':>13} {compared:>40} {'diff':>7}   chose")
     for name in args.only or list(makers):
         data = makers[name]()
         lp = None if args.no_probe else run(data, "linear-probe", [], args.image_size, out / name)
@@ -175,7 +178,7 @@ def main() -> None:
         lp_acc = f"{lp['accuracy']:.4f}" if lp else "-"
         diff = f"{100 * (other['accuracy'] - lp['accuracy']):+.1f}" if lp else "-"
         print(
-            f"{name:<8} {lp_acc:>13} {other['accuracy']:>40.4f} {other['strategy']:>17} {diff:>7}"
+            f"{name:<8} {lp_acc:>13} {other['accuracy']:>40.4f} {diff:>7}   {other['strategy']}"
             f"   ({other['seconds']:.0f} s, {other['run_dir']})",
             flush=True,
         )
