@@ -864,6 +864,8 @@ def test_auto_measures_a_stage_probe_beside_a_full_finetune_and_keeps_the_better
         assert (run_dir / "full-finetune-history.csv").exists()
     else:
         assert (run_dir / "history.csv").exists()
+    html = (run_dir / "report.html").read_text()
+    assert "measured by auto" in html and f"kept {kept}" in html
     one = next((data / "red").iterdir())
     res = runner.invoke(app, ["predict", str(one), "--run", str(run_dir)])
     assert res.exit_code == 0 and "red" in res.output, res.output

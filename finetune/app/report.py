@@ -269,7 +269,13 @@ def _config_section(config: dict) -> str:
     ]
     advice = extra.get("advice")
     if isinstance(advice, dict) and advice.get("reason"):
-        rows.append(["chosen by auto", advice["reason"]])
+        rows.append(["chosen by auto", f"{advice.get('strategy', '')}: {advice['reason']}".lstrip(": ")])
+    measured = extra.get("auto")
+    if isinstance(measured, dict) and isinstance(measured.get("compared"), dict):
+        said = ", ".join(
+            f"{name} {acc:.4f}" for name, acc in measured["compared"].items() if isinstance(acc, (int, float))
+        )
+        rows.append(["measured by auto", f"validation accuracy {said}: kept {measured.get('kept')}"])
     recipe = config.get("recipe", {})
     keys = recipe_keys(recipe, config.get("strategy", ""))
     shown = {k: recipe[k] for k in keys}
