@@ -245,3 +245,16 @@ def finish(proc, timeout: float = 300):
 def torchrun(*args, nproc: int = 2, script: str | Path | None = None, timeout: float = 300, **env):
     """`python -m torch.distributed.run --standalone -m finetune ARGS` on CPU; the CompletedProcess."""
     return finish(launch(torchrun_cmd(*args, nproc=nproc, script=script), torchrun_env(**env)), timeout)
+
+
+def seeded_tiny_weights(folder: Path, model: str = "test_efficientnet") -> list:
+    """`--backbone MODEL --weights FILE`: timm's tiny MODEL with seeded random weights, in `folder`."""
+    import timm
+    import torch
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    net = timm.create_model(model, pretrained=False)
+    path = Path(folder) / "w.safetensors"
+    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(path))
+    return ["--backbone", model, "--weights", path]

@@ -17,7 +17,7 @@ from sklearn.model_selection import StratifiedKFold, cross_val_score
 from sklearn.neighbors import KNeighborsClassifier
 
 from finetune.probe.knn import K_GRID, fit_knn, knn_proba, knn_tensors
-from tests.conftest import invoke, one_line_error, write_images
+from tests.conftest import invoke, one_line_error, seeded_tiny_weights, write_images
 
 
 def _blobs(n: int, d: int, k: int, noise: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -108,14 +108,8 @@ CLASSES = ("blue", "green", "red")
 @pytest.fixture(scope="module")
 def knn_run(tmp_path_factory):
     """A `--head knn` linear probe of tiny test_efficientnet (seeded weights, 32 px) on 3 x 10 images."""
-    import timm
-    from safetensors.torch import save_file
-
     base = tmp_path_factory.mktemp("knn")
-    torch.manual_seed(0)
-    net = timm.create_model("test_efficientnet", pretrained=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(base / "w.safetensors"))
-    tiny = ["--backbone", "test_efficientnet", "--weights", base / "w.safetensors"]
+    tiny = seeded_tiny_weights(base)
     tiny += ["--set", "image_size=32", "--workers", "0"]
     for k, name in enumerate(CLASSES):
         write_images(base / "data" / name, k, 10)

@@ -18,7 +18,7 @@ from PIL import Image, ImageOps
 
 from finetune.app.predictor import Predictor
 from finetune.data.transforms import Preprocessing
-from tests.conftest import invoke, write_images
+from tests.conftest import invoke, seeded_tiny_weights, write_images
 
 CLASSES = ("blue", "green", "red")
 
@@ -48,14 +48,8 @@ def test_predictor_averages_the_probabilities_of_the_two_views_not_the_logits():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """Seeded test_efficientnet weights, a training folder, held-out images and their mirrored copies."""
-    import timm
-    from safetensors.torch import save_file
-
     base = tmp_path_factory.mktemp("tta")
-    torch.manual_seed(0)
-    net = timm.create_model("test_efficientnet", pretrained=False)
-    save_file({k: v.contiguous() for k, v in net.state_dict().items()}, str(base / "w.safetensors"))
-    args = ["--backbone", "test_efficientnet", "--weights", base / "w.safetensors"]
+    args = seeded_tiny_weights(base)
     args += ["--set", "image_size=38", "--workers", "0"]
     for k, name in enumerate(CLASSES):
         write_images(base / "data" / name, k, 8)
