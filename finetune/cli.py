@@ -1000,8 +1000,8 @@ def recipes_cmd(
         if as_json:
             _echo_json(rows)
             return
-        for r in rows:
-            typer.echo(f"{r['key']:<17}{r['type']:<25}{', '.join(r['methods']):<17}{r['default']}")
+        cells = [[r["key"], r["type"], ", ".join(r["methods"]), r["default"]] for r in rows]
+        typer.echo(text_table(["key", "values", "used by", "default"], cells))
         return
     recipes = packaged_recipes()
     if as_json:

@@ -125,7 +125,11 @@ def test_recipes_keys_lists_every_set_key_with_the_methods_that_use_it():
 
     res = invoke("recipes", "--keys")
     assert res.exit_code == 0
-    keys = {ln.split()[0]: ln for ln in res.output.splitlines()}
+    header, rule, *lines = res.output.splitlines()
+    assert header.split() == ["key", "values", "used", "by", "default"] and set(rule) == {"─"}
+    keys = {ln.split()[0]: ln for ln in lines}
+    column = header.index("used by")  # aligned: the augment policies once ran into this column
+    assert all(ln[column - 1] == " " and ln[column] != " " for ln in lines), lines
     expected = {f.name for f in dataclasses.fields(Recipe) if f.name != "lr_mult"}
     expected |= {f"lr_mult.{f.name}" for f in dataclasses.fields(LRMult)}
     assert set(keys) == expected
