@@ -55,6 +55,25 @@ def write_images(
     return out
 
 
+@pytest.fixture(autouse=True)
+def _signal_handlers_given_back():
+    """Each test starts with the signal handlers and mask the session had: a handler left behind
+    (a training loop's, an ignored SIGINT) would change what Ctrl-C does in every later test. One
+    left behind is put back and reported as a warning naming the test."""
+    import signal
+    import warnings
+
+    before = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    blocked = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    yield
+    after = {s: signal.getsignal(s) for s in before}
+    blocked_after = signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+    for s in before:
+        signal.signal(s, before[s])
+    if after != before or blocked_after != blocked:
+        warnings.warn(f"signal handlers or mask left changed: {after}, blocked {blocked_after}", stacklevel=1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
     """Every test session gets its own feature/engine cache, never the user's."""

@@ -496,6 +496,33 @@ def test_sigterm_to_the_whole_job_with_decode_workers_saves_a_checkpoint(make_fo
     assert last.startswith("error: SIGTERM") and "--resume" in last and "crashed" not in err, err
 
 
+class _Mask(torch.utils.data.Dataset):
+    """Each item: the signals blocked in the process that reads it."""
+
+    def __len__(self) -> int:
+        return 2
+
+    def __getitem__(self, i: int) -> list[int]:
+        return sorted(int(s) for s in signal.pthread_sigmask(signal.SIG_BLOCK, []))
+
+
+def test_decode_workers_are_born_with_sigint_and_sigterm_blocked_and_the_main_mask_is_given_back():
+    """A signal to the whole job cannot kill a worker before it ignores signals (the race that made
+    the SIGTERM test above end in "decode worker crashed" now and then)."""
+    from torch.utils.data import DataLoader
+
+    from finetune.train.loop import _workers_born_deaf
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    with _workers_born_deaf():
+        assert {signal.SIGINT, signal.SIGTERM} <= signal.pthread_sigmask(signal.SIG_BLOCK, [])
+        it = iter(DataLoader(_Mask(), batch_size=None, num_workers=1))
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    in_worker = set(next(it))
+    del it
+    assert {int(signal.SIGINT), int(signal.SIGTERM)} <= in_worker
+
+
 _KILL_SCRIPT = """
 import os, sys, time, torch
 from pathlib import Path
@@ -672,12 +699,18 @@ def test_ctrl_c_during_feature_extraction_is_one_line_and_exit_130(make_folder, 
     data = make_folder({"red": 6, "blue": 6})
     real = extract._run_engine
 
+    calls = []
+
     def interrupted(*args, **kwargs):
+        calls.append(1)
         signal.raise_signal(signal.SIGINT)  # Ctrl-C
         return real(*args, **kwargs)
 
     monkeypatch.setattr(extract, "_run_engine", interrupted)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
     res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", "epochs=1"))
+    assert calls, "the LP-FT head's features were not extracted (read from a cache?)"
     assert res.exit_code == 130, res.output
     lines = res.output.strip().splitlines()
     assert lines == [lines[-1]] and lines[0].startswith("error: interrupted"), res.output

@@ -525,7 +525,8 @@ def train_epoch(t: Training, signals: Signals, on_batch: OnBatch | None = None) 
         sampler=rest.tolist(),
         seed=recipe.seed,
     )
-    it = iter(loader)
+    with _workers_born_deaf():
+        it = iter(loader)  # forks the decode workers
     group: list[tuple[torch.Tensor, torch.Tensor]] = []  # the (x, y) batches of the step so far
     with (
         progress_bar(f"epoch {p.epoch + 1}/{recipe.epochs}", total=len(order), unit="img") as bar,
@@ -863,6 +864,24 @@ def seeded_rngs(seed: int) -> Iterator[None]:
         finally:
             random.setstate(py)
             np.random.set_state(npy)
+
+
+@contextmanager
+def _workers_born_deaf() -> Iterator[None]:
+    """SIGINT and SIGTERM blocked in this thread while decode workers are forked, then given back.
+
+    A worker inherits the mask, so a signal sent to the whole job (Ctrl-C, Slurm, torchrun's
+    agent) can never kill one in the moment before it ignores them (`_SeededDataset`): with short
+    epochs that moment came every epoch, and such a run ended "an image decode worker crashed"
+    instead of saving a checkpoint. A signal that reaches this process meanwhile stays pending and
+    is handled when the mask is given back, so none is lost.
+    """
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 @contextmanager
