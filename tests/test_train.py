@@ -707,9 +707,15 @@ def test_ctrl_c_during_feature_extraction_is_one_line_and_exit_130(make_folder, 
         return real(*args, **kwargs)
 
     monkeypatch.setattr(extract, "_run_engine", interrupted)
-    signal.signal(signal.SIGINT, signal.default_int_handler)  # Python's own, whatever ran before
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
-    res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", "epochs=1"))
+    # Python's own handler, whatever the session started with: a background job of a shell starts
+    # with SIGINT ignored, and then Python installs none (this test failed under `.ci/run` so)
+    old = signal.signal(signal.SIGINT, signal.default_int_handler)
+    mask = signal.pthread_sigmask(signal.SIG_UNBLOCK, [signal.SIGINT])
+    try:
+        res = runner.invoke(app, tiny_run_args(data, tmp_path / "runs", "partial-finetune", "epochs=1"))
+    finally:
+        signal.signal(signal.SIGINT, old)
+        signal.pthread_sigmask(signal.SIG_SETMASK, mask)
     assert calls, "the LP-FT head's features were not extracted (read from a cache?)"
     assert res.exit_code == 130, res.output
     lines = res.output.strip().splitlines()
