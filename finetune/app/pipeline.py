@@ -270,7 +270,7 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
             created=time.strftime("%Y-%m-%dT%H:%M:%S"),
             extra={**outcome.extra, **({"advice": advice} if advice else {}), **found},
         )
-        if outcome.extra.get("auto", {}).get("kept") == rival and rival:
+        if rival and recipe.name == rival:  # auto kept the rival
             run_dir = _renamed(run_dir, opts, recipe.name)  # named after the model it holds
         save_run(run_dir, outcome.tensors, config)
         write_run_toml(run_dir, opts, recipe)  # `run --config RUN/run.toml` trains it again
