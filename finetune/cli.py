@@ -668,7 +668,8 @@ def cache_info_cmd(as_json: JsonOpt = False) -> None:
 def cache_clear_cmd() -> None:
     """Empty the cache; the demo's datasets stay.
 
-    Deletes cached features, exported engines, cut networks and backbone cards (rebuilt on demand).
+    Deletes cached features, exported engines, cut networks, backbone cards, fitted heads and
+    checked image headers (all rebuilt on demand).
 
     Example: FINETUNE_CACHE=/scratch/ft finetune cache clear
     """

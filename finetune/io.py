@@ -1,8 +1,10 @@
-"""Files finetune writes, and where: atomic writes, JSON, tensors, sha256, library versions, cache root.
+"""Files finetune writes, and where: atomic writes, JSON, tensors, sha256, file identity, cache root.
 
     atomic_write(path, lambda fh: fh.write(blob))   # the old file or the complete new one, never half
     write_json(path, obj); save_tensors(path, {"w": w}, metadata={...})
     sha256_file(path); versions(); cache_root()       # $FINETUNE_CACHE, else ~/.cache/finetune
+    file_key(path)                                    # a file's identity from stat, not its bytes
+    cache_writable(); cache_write(root, fn)           # a cache that cannot be written: one line, go on
 
 Everything below the CLI writes through these, so a crash, a `kill -9` or a full disk never
 leaves a half-written file behind. Nothing here knows about runs, features or models.
@@ -14,11 +16,14 @@ import contextlib
 import functools
 import hashlib
 import json
+import logging
 import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger(__name__)
 
 
 def _read_umask() -> int:
@@ -126,8 +131,64 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def file_key(path: Path) -> str:
-    """Identity of one file's current bytes, without reading them: path, size, mtime_ns, inode."""
-    st = os.stat(path)
-    text = f"{os.fsencode(os.path.abspath(path))!r}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}"
+def file_key(path: str | os.PathLike) -> str | None:
+    """Identity of one file's current bytes, without reading them; None when it is gone.
+
+    Absolute path, size, st_mtime_ns, st_ctime_ns and inode: a rewrite in place that keeps the
+    size and restores the mtime still changes the ctime, which no user can set.
+    """
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    text = (
+        f"{os.fsencode(os.path.abspath(path))!r}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
+    )
     return hashlib.sha1(text.encode()).hexdigest()
+
+
+_UNWRITABLE: set[str] = set()  # cache roots already reported as unwritable (one line per process)
+
+
+def _cannot_write(root: Path, err: OSError | str) -> None:
+    """Say once that the cache at `root` cannot be written; later writes there are skipped."""
+    key = str(root)
+    if key in _UNWRITABLE:
+        return
+    _UNWRITABLE.add(key)
+    why = err if isinstance(err, str) else (err.strerror or type(err).__name__)
+    log.warning(f"cache {root} cannot be written ({why}): going on without it")
+
+
+def cache_writable(root: Path | None = None) -> bool:
+    """True when the cache folder exists or can be made, and takes a file; else one line, False.
+
+    Commands ask once at the start and run without the cache when it is False (a read-only or
+    full cache, or FINETUNE_CACHE naming a file).
+    """
+    root = root or cache_root()
+    if str(root) in _UNWRITABLE:
+        return False
+    if root.exists() and not root.is_dir():
+        _cannot_write(root, "it is a file, not a folder")
+        return False
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=root):
+            pass
+    except OSError as err:
+        _cannot_write(root, err)
+        return False
+    return True
+
+
+def cache_write(root: Path, write: Callable[[], None]) -> bool:
+    """Run one cache write; a full or read-only cache is reported once and skipped, never fatal."""
+    if str(root) in _UNWRITABLE:
+        return False
+    try:
+        write()
+    except OSError as err:
+        _cannot_write(root, err)
+        return False
+    return True

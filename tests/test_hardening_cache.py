@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from finetune.features.cache import SCHEMA, FeatureCache, FeatureIdentity, row_key
+import finetune.io
+from finetune.features.cache import SCHEMA, FeatureCache, FeatureIdentity
+from finetune.io import file_key
 from tests.conftest import invoke, one_line_error, unchanged, write_images
 from tests.test_hardening import TINY
 
@@ -32,11 +34,10 @@ def features(data: Path, weights: Path, cache: bool = True) -> np.ndarray:
 
 @pytest.fixture
 def own_cache(tmp_path, monkeypatch) -> Path:
-    import finetune.features.cache as cache_module
 
     root = tmp_path / "cache"
     monkeypatch.setenv("FINETUNE_CACHE", str(root))
-    monkeypatch.setattr(cache_module, "_UNWRITABLE", set())  # each test reports afresh
+    monkeypatch.setattr(finetune.io, "_UNWRITABLE", set())  # each test reports afresh
     return root
 
 
@@ -70,7 +71,7 @@ def test_the_identity_carries_the_extraction_schema():
     ident = FeatureIdentity.of_parts("m", "sha", "pool", "avg", Preprocessing())
     assert ident.schema == SCHEMA
     assert dataclasses.replace(ident, schema=SCHEMA + 1).digest != ident.digest
-    assert row_key("/no/such/file") is None
+    assert file_key("/no/such/file") is None
 
 
 def _damage(kind: str, meta: Path) -> None:
@@ -112,9 +113,8 @@ def test_a_damaged_shard_is_discarded_and_extracted_again(make_folder, tiny_weig
 def test_a_cache_that_cannot_be_written_is_one_line_and_the_run_works(
     image_folder, tmp_path, monkeypatch, where
 ):
-    import finetune.features.cache as cache_module
 
-    monkeypatch.setattr(cache_module, "_UNWRITABLE", set())
+    monkeypatch.setattr(finetune.io, "_UNWRITABLE", set())
     if where == "a file":
         target = tmp_path / "cache-file"
         target.write_text("I am not a folder")
@@ -124,7 +124,7 @@ def test_a_cache_that_cannot_be_written_is_one_line_and_the_run_works(
     with unchanged(image_folder):
         res = invoke("run", image_folder, *TINY, "-o", tmp_path / "runs")
     assert res.exit_code == 0 and "Traceback" not in res.output, res.output
-    said = [ln for ln in res.output.splitlines() if "feature cache" in ln]
+    said = [ln for ln in res.output.splitlines() if "cannot be written" in ln]
     assert len(said) == 1 and "going on without it" in said[0], res.output
 
 
@@ -132,8 +132,6 @@ def test_a_full_cache_is_one_line_the_run_works_and_nothing_partial_is_left(
     image_folder, tmp_path, tiny_weights, own_cache, monkeypatch
 ):
     import errno
-
-    import finetune.io
 
     real = finetune.io.atomic_write
 
@@ -158,7 +156,7 @@ def test_a_full_cache_is_one_line_the_run_works_and_nothing_partial_is_left(
     with unchanged(image_folder):
         res = invoke(*args, "--set", "image_size=32", "-o", tmp_path / "runs")
     assert res.exit_code == 0, res.output
-    said = [ln for ln in res.output.splitlines() if "feature cache" in ln]
+    said = [ln for ln in res.output.splitlines() if "cannot be written" in ln]
     assert len(said) == 1 and "No space left on device" in said[0], res.output
     leftovers = [p for p in own_cache.rglob("*") if p.name.endswith((".partial", ".tmp"))]
     assert leftovers == []

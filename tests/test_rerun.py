@@ -68,7 +68,7 @@ def test_a_cached_rerun_writes_the_same_model_without_torch(
 
     a, b = load_file(str(first / "model.safetensors")), load_file(str(again / "model.safetensors"))
     assert a.keys() == b.keys() and {"head.weight", "head.bias"} <= a.keys()
-    for k in a:  # the trunk from its cache, the head refitted on the very same features
+    for k in a:  # the trunk from its cache, the head fitted on the very same features (or read back)
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
     m1, m2 = (json.loads((d / "metrics.json").read_text()) for d in (first, again))
     assert m1["val"] == m2["val"] and m2["timing"]["engine"] == "cache"

@@ -206,7 +206,14 @@ def test_cache_info_tells_feature_sets_apart_and_clear_says_what_it_keeps(two_ru
     assert all(int(r[6]) == 18 for r in rows)
     _, parts = table_lines(res.stdout, "folder")
     kept = {columns(ln)[0]: columns(ln)[-1] for ln in parts}
-    assert kept == {"engines/": "cleared", "trunks/": "cleared", "backbones/": "cleared", "datasets/": "kept"}
+    assert kept == {
+        "engines/": "cleared",
+        "trunks/": "cleared",
+        "backbones/": "cleared",
+        "heads/": "cleared",
+        "checked/": "cleared",
+        "datasets/": "kept",
+    }
     datasets = next(columns(ln) for ln in parts if ln.startswith("datasets/"))
     assert datasets[1] == "demo datasets" and datasets[2] == "2"
 

@@ -145,7 +145,7 @@ def advise(
     `offline`: published weights from the caches only, never downloaded.
     """
     from finetune.data.loader import default_workers
-    from finetune.features.cache import cache_writable
+    from finetune.io import cache_writable
     from finetune.models.backbone import open_backbone
     from finetune.runtime import check_device
 

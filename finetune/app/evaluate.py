@@ -158,7 +158,7 @@ def evaluate_run(
 
     device = check_device(device)  # before any work: a device this machine lacks is one line
     config = read_config(run_dir)
-    index = scan(data, labels_csv=labels_csv, for_training=False)  # every image, any class count
+    index = scan(data, labels_csv=labels_csv, for_training=False, remember=cache)  # every image, any class
     out_dir = Path(out) if out is not None else default_out(run_dir, index.root)
     _check_out(out_dir, index.root)
     run_classes = list(config.class_names)

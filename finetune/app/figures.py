@@ -194,6 +194,7 @@ def _named_matrix(cm: np.ndarray, names: list[str], title: str):
                     va="center",
                     fontsize=size,
                     color="white" if share[i, j] > 0.5 else "black",
+                    in_layout=False,  # inside its cell: nothing for the layout to make room for
                 )
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")

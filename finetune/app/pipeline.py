@@ -95,7 +95,7 @@ def check_options(opts: RunOptions) -> RunOptions:
     cannot take. Returns `opts` with the cache turned off when it cannot be written (said once).
     """
     from finetune.data.places import outside_data, writable_place
-    from finetune.features.cache import cache_writable
+    from finetune.io import cache_writable
     from finetune.models.catalogue import ALIASES
     from finetune.recipes import MAX_SEED
     from finetune.runtime import check_device
@@ -134,6 +134,11 @@ def check_options(opts: RunOptions) -> RunOptions:
     return dataclasses.replace(opts, device=device, cache=cache, log=logs)
 
 
+def scan_data(opts: RunOptions) -> DatasetIndex:
+    """The index of `opts.data` as the run sees it (headers that passed before are not read again)."""
+    return scan(opts.data, opts.val_fraction, opts.seed, opts.labels_csv, remember=opts.cache)
+
+
 def check_image_size(recipe, spec) -> None:
     """A recipe's `image_size` must be one the backbone accepts (0: the weights' own size)."""
     if recipe.image_size and recipe.image_size < spec.min_input:
@@ -167,7 +172,7 @@ def _run(opts: RunOptions, dist, started: float) -> RunResult:
         # the interrupted run's own options and recipe; "already finished" once its folder is complete
         opts, resumed = resume_options(opts, dist, complete=is_run)
     opts = check_options(opts)
-    index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
+    index = scan_data(opts)
     if dist.main:
         for warning in index.warnings:
             log.warning(warning)
@@ -433,7 +438,7 @@ def _lr_find(opts: RunOptions, recipe, dist, steps: int | None, start: float, en
     from finetune.runtime import shared_path, stop_distributed
     from finetune.train.lrfind import range_test
 
-    index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
+    index = scan_data(opts)
     bb, pre = open_network(opts, recipe)
     out_existed = Path(opts.out).exists()
     name = f"{recipe.name}-lr-find"

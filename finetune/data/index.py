@@ -28,7 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from finetune.data.decode import ImageError, is_image_name, is_litter, probe
+from finetune.data.checked import CheckedHeaders
+from finetune.data.decode import ImageError, is_image_name, is_litter
 from finetune.data.duplicates import Duplicate, describe, identical_groups
 from finetune.errors import DataError
 
@@ -128,6 +129,7 @@ class DatasetIndex:
 class _Found:
     """Mutable accumulator while walking: files per (split, class), and what was left out."""
 
+    checked: CheckedHeaders  # the header check, remembering earlier passes
     files: dict[tuple[str, str], list[str]] = field(default_factory=dict)
     problems: list[Problem] = field(default_factory=list)
     ignored: list[Problem] = field(default_factory=list)
@@ -188,7 +190,7 @@ def _walk_class(folder: Path, root: Path, found: _Found) -> list[str]:
                 found.problems.append(Problem(rel, "not a regular file (broken or looping link)"))
                 continue
             try:
-                probe(path)
+                found.checked.probe(path)
             except ImageError as err:
                 found.problems.append(Problem(rel, err.reason))
                 continue
@@ -290,6 +292,7 @@ def scan(
     seed: int = 0,
     labels_csv: str | os.PathLike | None = None,
     for_training: bool = True,
+    remember: bool = False,
 ) -> DatasetIndex:
     """Index an image folder (or a CSV of `path,label`), check every file's header, split it.
 
@@ -314,7 +317,7 @@ def scan(
             f"--val-fraction {val_fraction} is out of range", "use a value between 0 and 1, e.g. 0.2"
         )
     root = root.resolve()
-    found = _Found()
+    found = _Found(CheckedHeaders(root, remember))
     if labels_csv is not None:
         _scan_csv(Path(labels_csv), root, found)
         layout = "csv"
@@ -330,6 +333,7 @@ def scan(
                     found.ignored.append(Problem(entry.name, "next to train/val folders: not used"))
         else:
             _scan_classes(root, root, "all", found)
+    found.checked.save()
     if not for_training:
         return _assemble_all(root, layout, found)
     return _assemble(root, layout, found, val_fraction, seed, split_dirs)
@@ -391,7 +395,7 @@ def _scan_csv(csv_path: Path, root: Path, found: _Found) -> None:
             continue
         seen[key] = line
         try:
-            probe(path)
+            found.checked.probe(path)
         except (ImageError, FileNotFoundError) as err:
             found.problems.append(Problem(rel, getattr(err, "reason", "file not found")))
             continue

@@ -2,7 +2,7 @@
 
     ident = FeatureIdentity.of(backbone, tap="pool", pool="avg", preprocessing=pre)
     cache = FeatureCache(ident)
-    cache.lookup([row_key(path), ...])      # {i: feature row}
+    cache.lookup([file_key(path), ...])     # {i: feature row}  (finetune.io.file_key)
 
 The network (model, weights sha256, tap, pooling, preprocessing, decoder, library versions and
 the extraction code's SCHEMA) names a folder, and the file (absolute path, size, st_mtime_ns,
@@ -21,8 +21,6 @@ import contextlib
 import hashlib
 import json
 import logging
-import os
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Sequence
@@ -32,76 +30,13 @@ from pathlib import Path
 import numpy as np
 
 from finetune.data.transforms import Preprocessing
-from finetune.io import cache_root
+from finetune.io import cache_root, cache_write
 
 log = logging.getLogger(__name__)
 
 # Bump whenever what a cached row means changes (extraction, pooling, tap semantics, key format):
 # every identity changes with it, so old rows are never read as new ones.
 SCHEMA = 2
-
-
-def row_key(path: str | os.PathLike) -> str | None:
-    """Identity of one file's current bytes, without reading them; None when it is gone.
-
-    Absolute path, size, st_mtime_ns, st_ctime_ns and inode: a rewrite in place that keeps the
-    size and restores the mtime still changes the ctime, which no user can set.
-    """
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    text = (
-        f"{os.fsencode(os.path.abspath(path))!r}|{st.st_size}|{st.st_mtime_ns}|{st.st_ctime_ns}|{st.st_ino}"
-    )
-    return hashlib.sha1(text.encode()).hexdigest()
-
-
-_UNWRITABLE: set[str] = set()  # cache roots already reported as unwritable (one line per process)
-
-
-def _cannot_write(root: Path, err: OSError | str) -> None:
-    """Say once that the cache at `root` cannot be written; later writes there are skipped."""
-    key = str(root)
-    if key in _UNWRITABLE:
-        return
-    _UNWRITABLE.add(key)
-    why = err if isinstance(err, str) else (err.strerror or type(err).__name__)
-    log.warning(f"feature cache {root} cannot be written ({why}): going on without it")
-
-
-def cache_writable(root: Path | None = None) -> bool:
-    """True when the cache folder exists or can be made, and takes a file; else one line, False.
-
-    Commands ask once at the start and run without the cache when it is False (a read-only or
-    full cache, or FINETUNE_CACHE naming a file).
-    """
-    root = root or cache_root()
-    if str(root) in _UNWRITABLE:
-        return False
-    if root.exists() and not root.is_dir():
-        _cannot_write(root, "it is a file, not a folder")
-        return False
-    try:
-        root.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=root):
-            pass
-    except OSError as err:
-        _cannot_write(root, err)
-        return False
-    return True
-
-
-def _guarded(root: Path, write: Callable[[], None]) -> bool:
-    """Run one cache write; a full or read-only cache is reported once and skipped, never fatal."""
-    if str(root) in _UNWRITABLE:
-        return False
-    try:
-        write()
-    except OSError as err:
-        _cannot_write(root, err)
-        return False
-    return True
 
 
 @dataclass(frozen=True)
@@ -229,7 +164,7 @@ class FeatureCache:
         """Remember decode failures, {key: reason}."""
         from finetune.io import write_json
 
-        if reasons and _guarded(
+        if reasons and cache_write(
             self.root, lambda: write_json(self.dir / f"{self._new_shard()}{self.FAILED}", reasons)
         ):
             self.failures([])  # loaded, so the update below is not lost
@@ -260,7 +195,7 @@ class FeatureCache:
             atomic_write(self.dir / f"{shard}.npy", lambda fh: np.save(fh, x))
             write_json(self.dir / f"{shard}.json", {"width": int(x.shape[1]), "keys": list(keys)})
 
-        if not _guarded(self.root, write):
+        if not cache_write(self.root, write):
             return
         index = self._load_index()
         for row, key in enumerate(keys):
@@ -363,12 +298,14 @@ CACHE_PARTS = {
     "engines": "exported engines",
     "trunks": "cut networks",
     "backbones": "backbone cards",
+    "heads": "fitted heads",
+    "checked": "checked image headers",
 }
 KEPT_PARTS = {"datasets": "demo datasets"}  # listed by cache info, kept by cache clear
 
 
 def cache_parts(root: Path | None = None) -> dict[str, dict]:
-    """{folder: {"what", "files", "bytes", "kept"}}: engines, cut networks, cards; datasets (kept)."""
+    """{folder: {"what", "files", "bytes", "kept"}}: each part of CACHE_PARTS; datasets (kept)."""
     out = {}
     for sub, what in {**CACHE_PARTS, **KEPT_PARTS}.items():
         d = (root or cache_root()) / sub
@@ -395,7 +332,8 @@ def _bytes(folder: Path) -> int:
 
 
 def cache_clear(root: Path | None = None) -> int:
-    """Remove cached features, exported engines, cut networks and backbone cards; returns bytes freed."""
+    """Remove cached features and every part of CACHE_PARTS (engines, cut networks, cards, fitted
+    heads, checked headers); returns bytes freed."""
     import shutil
 
     freed = 0
@@ -437,5 +375,5 @@ def trunk_tensors(backbone, tap: str, pool: str, preprocessing: Preprocessing, c
     tensors = {f"trunk.{k}": v.detach().cpu().contiguous().numpy() for k, v in trunk.state_dict().items()}
     if path is not None:
         blob = save(tensors)
-        _guarded(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob)))
+        cache_write(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob)))
     return tensors

@@ -27,7 +27,8 @@ from finetune.console import progress_bar
 from finetune.data.index import DatasetIndex
 from finetune.data.loader import ImageDataset, default_workers, make_loader
 from finetune.data.transforms import Preprocessing, eval_reader
-from finetune.features.cache import FeatureCache, FeatureIdentity, row_key
+from finetune.features.cache import FeatureCache, FeatureIdentity
+from finetune.io import file_key
 from finetune.runtime import Dist, _all_gather_bytes, _rank, _shard, broadcast_bytes, pick_device
 
 log = logging.getLogger(__name__)
@@ -300,7 +301,7 @@ def _extract_outputs(
     fingerprinted = all(i is not None for i in idents)
     use_cache = cache and fingerprinted
     stores = {t: FeatureCache(i) for t, i in zip(names, idents)} if use_cache else {}
-    keys = [row_key(index.absolute(p)) for p in positions] if use_cache else []  # None: file gone
+    keys = [file_key(index.absolute(p)) for p in positions] if use_cache else []  # None: file gone
     found = {t: stores[t].lookup(keys) for t in names} if use_cache else {t: {} for t in names}
     failed = {t: stores[t].failures(keys) for t in names} if use_cache else {t: {} for t in names}
     todo = [

@@ -87,7 +87,7 @@ def extract_to_file(opts: ExtractOptions) -> ExtractSummary:
     out = check_output(opts.out, opts.data)
     # Under torchrun the images are sharded across ranks and gathered on every rank; rank 0 writes.
     dist = start_distributed(opts.device)
-    index = scan(opts.data, val_fraction=opts.val_fraction, seed=opts.seed, labels_csv=opts.labels_csv)
+    index = scan(opts.data, opts.val_fraction, opts.seed, opts.labels_csv, remember=opts.cache)
     for problem in index.problems:
         log.info(f"skipped {problem.path}: {problem.reason}")
     bb = build(

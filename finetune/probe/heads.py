@@ -294,12 +294,7 @@ def fit_head(
             best = 1.0 if len(c_grid) != 1 else c_grid[0]
         xs, mean, scale = _standardize(xt, standardize)
         coef, intercept, converged = SOLVERS[kind](xs, yt, int(yt.max()) + 1, best, warm.get(best))
-    if not converged:
-        log.warning(
-            f"the {kind} head did not converge (C = {best:g}, {len(xt)} images): "
-            "its accuracy may be a little lower than the optimum"
-        )
-    return FittedHead(
+    head = FittedHead(
         kind=kind,
         coef=np.asarray(coef, dtype=np.float64),
         intercept=np.asarray(intercept, dtype=np.float64).reshape(-1),
@@ -310,6 +305,17 @@ def fit_head(
         n_folds=folds,
         converged=converged,
     )
+    say_convergence(head, len(xt))
+    return head
+
+
+def say_convergence(head: FittedHead, n: int) -> None:
+    """A final fit that stopped before its tolerance is said (one line), never silently kept."""
+    if not head.converged:
+        log.warning(
+            f"the {head.kind} head did not converge (C = {head.C:g}, {n} images): "
+            "its accuracy may be a little lower than the optimum"
+        )
 
 
 def fold(head: FittedHead) -> Solution:

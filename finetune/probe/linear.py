@@ -23,7 +23,8 @@ from finetune.features.cache import trunk_tensors
 from finetune.features.extract import Features, extract_taps
 from finetune.method import Outcome, RunContext
 from finetune.metrics import classification_metrics
-from finetune.probe.heads import fit_head, fold, temperature
+from finetune.probe.heads import fold, temperature
+from finetune.probe.remembered import fit_head_remembered
 
 log = logging.getLogger(__name__)
 
@@ -57,9 +58,12 @@ def softmax(z: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=1, keepdims=True)
 
 
-def _linear_head(x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int) -> ProbeHead:
-    """Logistic regression or linear SVM, folded into one nn.Linear (`heads.fold`)."""
-    head = fit_head(x, y, kind=kind, c_grid=c_grid, seed=seed)
+def _linear_head(
+    x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int, remember: bool
+) -> ProbeHead:
+    """Logistic regression or linear SVM, folded into one nn.Linear (`heads.fold`); `remember`:
+    a head fitted before on the same features is read from the cache (`probe.remembered`)."""
+    head = fit_head_remembered(x, y, kind=kind, c_grid=c_grid, seed=seed, remember=remember)
     w, b = fold(head)
 
     def scores(f: np.ndarray) -> np.ndarray:
@@ -70,8 +74,11 @@ def _linear_head(x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, .
     return ProbeHead(kind, {"head.weight": w, "head.bias": b}, scores, {"C": head.C}, cv, head.n_folds)
 
 
-def _knn_head(x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int) -> ProbeHead:
-    """Cosine k-nearest neighbours on the training features (`probe/knn.py`); c_grid is not used."""
+def _knn_head(
+    x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int, remember: bool
+) -> ProbeHead:
+    """Cosine k-nearest neighbours on the training features (`probe/knn.py`); c_grid and remember
+    are not used (the fit is a GridSearchCV over k, and the head is its training features)."""
     from finetune.probe.knn import fit_knn, knn_proba, knn_tensors
 
     knn = fit_knn(x, y, seed=seed)
@@ -98,10 +105,13 @@ PROBE_HEADS: dict[str, Callable[..., ProbeHead]] = {
 
 
 def fit_probe_head(
-    x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int
+    x: np.ndarray, y: np.ndarray, kind: str, c_grid: tuple[float, ...], seed: int, remember: bool = False
 ) -> ProbeHead:
-    """The recipe's head on training features x (N, D), labels y (N,); its choice by stratified CV."""
-    return PROBE_HEADS[kind](x, y, kind, c_grid, seed)
+    """The recipe's head on training features x (N, D), labels y (N,); its choice by stratified CV.
+
+    `remember` (the run's cache is on): a linear head fitted before on the same data is read back.
+    """
+    return PROBE_HEADS[kind](x, y, kind, c_grid, seed, remember)
 
 
 def _say_fit(ctx: RunContext, head: ProbeHead) -> None:
@@ -164,7 +174,9 @@ def linear_probe(ctx: RunContext) -> Outcome:
     train = feats.subset(ctx.positions("train"))
     if len(train.x) == 0:
         raise DataError("no training images could be read", "run `finetune check DATA` to see why")
-    head = fit_probe_head(train.x, train.labels, recipe.head, recipe.c_grid, recipe.seed)
+    head = fit_probe_head(
+        train.x, train.labels, recipe.head, recipe.c_grid, recipe.seed, remember=ctx.options.cache
+    )
     t2 = time.perf_counter()
     _say_fit(ctx, head)
     metrics: dict = {}
@@ -255,8 +267,14 @@ def lpft_head(ctx: RunContext, trunk: Any, device: Any) -> tuple[np.ndarray, np.
     for pos, reason in sorted(feats.bad.items()):
         log.info(f"skipped {ctx.index.paths[pos]}: {reason}")
     ctx.check_classes()
-    head = fit_head(
-        feats.x, feats.labels, kind="logreg", c_grid=recipe.c_grid, seed=recipe.seed, standardize=False
+    head = fit_head_remembered(
+        feats.x,
+        feats.labels,
+        kind="logreg",
+        c_grid=recipe.c_grid,
+        seed=recipe.seed,
+        standardize=False,
+        remember=ctx.options.cache,
     )
     w, b = fold(head)
     t = temperature(feats.x @ w.T + b, feats.labels, recipe.label_smoothing)

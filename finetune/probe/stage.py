@@ -80,7 +80,7 @@ def stage_probe(ctx: RunContext) -> Outcome:
     for tap in candidates:
         f: Features = feats[tap]
         train = f.subset(ctx.positions("train"))
-        head = fit_probe_head(train.x, train.labels, recipe.head, grid, recipe.seed)
+        head = fit_probe_head(train.x, train.labels, recipe.head, grid, recipe.seed, ctx.options.cache)
         acc, _ = evaluate_split(ctx, f, "val", head)
         rows.append(
             {
