@@ -3,7 +3,7 @@
 The first run starts from an empty cache (a fresh FINETUNE_CACHE, so the ONNX export is
 included, as a first run on a new machine); the re-run is the same command. Also prints the
 extraction phase alone (from metrics.json) and checks the cache ignores a head/C-grid change.
-Goals: whole process <= 1/10, extraction phase >= 50x faster.
+Goals: whole process <= 1/8 (issue 16), extraction phase >= 50x faster.
 
     python benchmarks/cached.py [FOLDER]
 """

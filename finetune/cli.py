@@ -177,6 +177,12 @@ DataArg = Annotated[
     Path, typer.Argument(metavar="DATA", help="Folder of class subfolders (or train/ val/ [test/]).")
 ]
 RunArg = Annotated[Path, typer.Argument(metavar="RUN", help="Run folder written by `finetune run`.")]
+NoCacheOpt = Annotated[
+    bool,
+    typer.Option(
+        "--no-cache", help="Neither read nor write the cache (features, checked headers, fitted heads)."
+    ),
+]
 JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output.")]
 
 
@@ -287,9 +293,7 @@ def run(
         bool, typer.Option("--compile", help="torch.compile the network (fine-tuning).")
     ] = False,
     seed: SeedOpt = 0,
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
-    ] = False,
+    no_cache: NoCacheOpt = False,
     offline: Offline = False,
     keep_checkpoints: Annotated[
         bool, typer.Option("--keep-checkpoints", help="Keep checkpoint/ in a finished fine-tune's folder.")
@@ -526,9 +530,7 @@ def extract_features(
     ] = 64,
     workers: WorkersOpt = None,
     device: DeviceOpt = "auto",
-    no_cache: Annotated[
-        bool, typer.Option("--no-cache", help="Neither read nor write the feature cache.")
-    ] = False,
+    no_cache: NoCacheOpt = False,
     labels: LabelsOpt = None,
     val_fraction: ValFractionOpt = 0.2,
     seed: SeedOpt = 0,
