@@ -87,6 +87,17 @@ def _private_cache(tmp_path_factory):
 
 
 @pytest.fixture
+def own_cache(tmp_path, monkeypatch) -> Path:
+    """A cache of this test's own (FINETUNE_CACHE), whose unwritable-cache line is said afresh."""
+    import finetune.io
+
+    root = tmp_path / "cache"
+    monkeypatch.setenv("FINETUNE_CACHE", str(root))
+    monkeypatch.setattr(finetune.io, "_UNWRITABLE", set())
+    return root
+
+
+@pytest.fixture
 def make_folder(tmp_path):
     """Factory: make_folder({"red": 6, "blue": 6}, size=32, layout="class"|"split", name="data")."""
 

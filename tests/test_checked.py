@@ -17,14 +17,6 @@ from tests.conftest import invoke, tree_digest
 
 
 @pytest.fixture
-def own_cache(tmp_path, monkeypatch) -> Path:
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FINETUNE_CACHE", str(root))
-    monkeypatch.setattr(finetune.io, "_UNWRITABLE", set())  # each test reports afresh
-    return root
-
-
-@pytest.fixture
 def opened(monkeypatch) -> list[str]:
     """The files whose header the scan opened, in order."""
     calls: list[str] = []

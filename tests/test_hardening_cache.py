@@ -32,15 +32,6 @@ def features(data: Path, weights: Path, cache: bool = True) -> np.ndarray:
     return f.x, f.hits
 
 
-@pytest.fixture
-def own_cache(tmp_path, monkeypatch) -> Path:
-
-    root = tmp_path / "cache"
-    monkeypatch.setenv("FINETUNE_CACHE", str(root))
-    monkeypatch.setattr(finetune.io, "_UNWRITABLE", set())  # each test reports afresh
-    return root
-
-
 def shards(root: Path) -> list[Path]:
     return sorted(p for p in root.glob("features/*/*.json") if p.name != "identity.json")
 

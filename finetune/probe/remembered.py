@@ -1,6 +1,6 @@
 """Fitted linear heads remembered in the cache by everything they depend on: a repeated fit is a read.
 
-    head = fit_head_remembered(x, y, kind="logreg", c_grid=C_GRID, seed=0, remember=True)
+    head = fit_head_remembered(x, y, remember=True, kind="logreg", c_grid=C_GRID, seed=0)
 
 `heads.fit_head` is deterministic: the same training features (bytes), labels, head kind, C
 grid, fold seed and standardization give the same head. The key is a sha256 of all of them,
@@ -16,6 +16,7 @@ said once and skipped.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
@@ -25,20 +26,20 @@ import numpy as np
 import scipy
 
 from finetune.io import atomic_write, cache_root, cache_write
-from finetune.probe.heads import C_GRID, FittedHead, fit_head, say_convergence
+from finetune.probe.heads import FittedHead, fit_head, say_convergence
 
 log = logging.getLogger(__name__)
 
 SCHEMA = 1  # bump whenever fit_head's result for the same inputs may change
 
 
-def head_key(x: np.ndarray, y: np.ndarray, kind: str, c_grid, seed: int, standardize: bool) -> str:
-    """sha256 of the training data's bytes and every setting `fit_head` reads."""
+def head_key(x: np.ndarray, y: np.ndarray, settings: dict) -> str:
+    """sha256 of the training data's bytes and every other argument `fit_head` takes (`settings`)."""
     h = hashlib.sha256()
     x = np.ascontiguousarray(x, dtype=np.float32)
     y = np.ascontiguousarray(y, dtype=np.int64)
-    settings = [SCHEMA, kind, [float(c) for c in c_grid], int(seed), bool(standardize), x.shape]
-    h.update(json.dumps([*settings, np.__version__, scipy.__version__]).encode())
+    text = json.dumps([SCHEMA, settings, x.shape, np.__version__, scipy.__version__], sort_keys=True)
+    h.update(text.encode())
     h.update(memoryview(x).cast("B"))
     h.update(memoryview(y).cast("B"))
     return h.hexdigest()[:40]
@@ -87,28 +88,29 @@ def _decode(blob: bytes, kind: str, width: int) -> FittedHead | None:
     return head
 
 
-def fit_head_remembered(
-    x: np.ndarray,
-    y: np.ndarray,
-    kind: str = "logreg",
-    c_grid: tuple[float, ...] = C_GRID,
-    seed: int = 0,
-    standardize: bool = True,
-    remember: bool = True,
-) -> FittedHead:
-    """`heads.fit_head(x, y, kind, c_grid, seed, standardize)`, read from the cache when fitted before."""
+def fit_head_remembered(x: np.ndarray, y: np.ndarray, remember: bool = True, **settings) -> FittedHead:
+    """`heads.fit_head(x, y, **settings)`, read back from the cache when it was fitted before.
+
+    The key holds every argument of `fit_head`, defaults included (read from its signature, so
+    a parameter added there is part of the key without a change here).
+    """
     if not remember:
-        return fit_head(x, y, kind=kind, c_grid=c_grid, seed=seed, standardize=standardize)
-    path = cache_root() / "heads" / f"{head_key(x, y, kind, c_grid, seed, standardize)}.npz"
+        return fit_head(x, y, **settings)
+    bound = inspect.signature(fit_head).bind(x, y, **settings)
+    bound.apply_defaults()
+    args = {
+        k: list(v) if isinstance(v, tuple) else v for k, v in bound.arguments.items() if k not in ("x", "y")
+    }
+    path = cache_root() / "heads" / f"{head_key(x, y, args)}.npz"
     try:
-        head = _decode(path.read_bytes(), kind, np.shape(x)[1])
+        head = _decode(path.read_bytes(), args["kind"], np.shape(x)[1])
     except OSError:  # not fitted before (or unreadable): fit
         head = None
     if head is not None:
-        log.debug(f"head: the {kind} head fitted before on these features, read from {path}")
+        log.debug(f"head: the {head.kind} head fitted before on these features, read from {path}")
         say_convergence(head, len(x))
         return head
-    head = fit_head(x, y, kind=kind, c_grid=c_grid, seed=seed, standardize=standardize)
+    head = fit_head(x, y, **settings)
     blob = _encode(head)
     cache_write(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob)))
     return head
