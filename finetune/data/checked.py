@@ -5,7 +5,8 @@
     checked.save()                                  # the files that passed in this scan
 
 A scan opens every image's header; on a re-scan of an unchanged folder that is most of the
-time it takes (1,797 digit PNGs: 0.7 s of a 6 s cached re-run). A file is known by
+time it takes (the 1,797 digit PNGs: 0.39-0.51 s to scan checking every header, 0.12-0.18 s
+with the memo). A file is known by
 `io.file_key` (path, size, mtime, ctime, inode), so an image rewritten in place, even to the
 same size and mtime, is checked again. The memo is also keyed by Pillow's version and its
 pixel limit, which decide what passes. Only passes are remembered: a file that failed is

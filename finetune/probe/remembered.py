@@ -3,11 +3,14 @@
     head = fit_head_remembered(x, y, remember=True, kind="logreg", c_grid=C_GRID, seed=0)
 
 `heads.fit_head` is deterministic: the same training features (bytes), labels, head kind, C
-grid, fold seed and standardization give the same head. The key is a sha256 of all of them,
-of the fitting code's SCHEMA and of numpy's and scipy's versions; the value is the whole
+grid, fold seed and standardization give the same head (to the last bit on one BLAS setup;
+another thread setting, e.g. OMP_NUM_THREADS=1, can move the last bits of the weights and,
+rarely, one fold's accuracy: measured on the digits; a remembered head is the first one).
+The key is a sha256 of all of them, of the fitting code's SCHEMA and of numpy's and scipy's
+versions; the value is the whole
 `FittedHead` (weights, standardization, chosen C, CV scores, convergence) in an .npz under
-`<cache>/heads/`. A re-run of the same command therefore skips the cross-validation (1.0 s of
-a 5-6 s cached re-run of the 1,797 digits), and so does every stage of a repeated stage-probe;
+`<cache>/heads/`. A re-run of the same command therefore skips the cross-validation (about 1 s
+of a 5-6 s cached re-run of the 1,797 digits), and so does every stage of a repeated stage-probe;
 a new head kind, C grid, seed or any changed image fits afresh. Like the feature cache this
 is an optimization only: a damaged entry is fitted again and rewritten, an unwritable cache is
 said once and skipped.
