@@ -37,7 +37,7 @@ from finetune.train.checkpoint import load_checkpoint, save_checkpoint
 from finetune.train.loop import _OOM, Progress, fit, predict, prepare, run_finetune
 from finetune.train.setup import frozen_norm_layers
 from finetune.train.signals import Interrupted
-from tests.conftest import tree_digest
+from tests.conftest import seeded_tiny_weights, tree_digest
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
@@ -884,7 +884,21 @@ def test_auto_measures_a_stage_probe_beside_a_full_finetune_and_keeps_the_better
         monkeypatch.setattr(finetune.train.loop, "keep_start", lambda t: None)
     data, out = make_folder({"red": 8, "blue": 8}), tmp_path / "runs"
     before = tree_digest(data)
-    res = runner.invoke(app, tiny_run_args(data, out, "auto", "epochs=2"))
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
+    weights = [str(a) for a in seeded_tiny_weights(tmp_path, "test_resnet")]  # fingerprinted: cached
+
+    def args(out: Path, strategy: str, *sets: str) -> list[str]:
+        a = tiny_run_args(data, out, strategy, *sets)
+        i = a.index("--no-pretrained")
+        a[i - 2 : i + 1] = weights
+        return a if strategy != "stage-probe" else a[: a.index("middle_stages=1") - 1]  # not a probe's
+
+    if fine_tune_fails:  # every stage's features already cached: the rival itself runs no network
+        res = runner.invoke(app, args(tmp_path / "earlier", "stage-probe"))
+        assert res.exit_code == 0, res.output
+        (earlier,) = (tmp_path / "earlier").iterdir()
+        assert json.loads((earlier / "config.json").read_text())["extra"]["device"] == "cpu"
+    res = runner.invoke(app, args(out, "auto", "epochs=2"))
     assert res.exit_code == 0, res.output
     (run_dir,) = out.iterdir()
     config = json.loads((run_dir / "config.json").read_text())
@@ -896,6 +910,7 @@ def test_auto_measures_a_stage_probe_beside_a_full_finetune_and_keeps_the_better
     assert run_dir.name.endswith(f"-{kept}")  # named after the model it holds
     assert metrics["val"]["accuracy"] == max(compared.values())
     assert metrics["headline_label"] == "val (used for selection)"
+    assert config["extra"]["device"] == "cpu"  # the run trained there, whichever model it kept
     assert not (run_dir / "checkpoint").exists()
     if fine_tune_fails:
         assert compared["full-finetune"] == 0.5

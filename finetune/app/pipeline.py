@@ -323,6 +323,8 @@ def _versus(ctx: RunContext, outcome: Outcome, rival: str, main: bool) -> tuple[
         kept, result, kept_ctx = ctx.recipe.name, outcome, ctx
     else:
         kept, result, kept_ctx = rival, challenger, rival_ctx
+        if "device" in outcome.extra:  # the run trained there, even if the rival read every feature
+            result.extra["device"] = outcome.extra["device"]
         if main:  # rank 0 writes the run folder
             _set_aside(ctx.run_dir, ctx.recipe.name)
     said = ", ".join(f"{name} {acc:.4f}" for name, acc in scores.items() if acc is not None)
