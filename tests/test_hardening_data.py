@@ -61,6 +61,25 @@ def test_an_empty_val_folder_falls_back_to_a_split_of_train_and_says_so(make_fol
     assert "val/ has no usable images" in " ".join(read(run_dir, "problems.json")["warnings"])
 
 
+def test_a_val_fraction_the_data_does_not_use_is_said_in_one_line(make_folder, tmp_path):
+    data = make_folder({"red": 4, "blue": 4}, layout="split", val=2)
+    said = "--val-fraction 0.3 is not used: data has its own validation split (its val/ folder)"
+    with unchanged(data):
+        res = invoke("run", data, *TINY, "-o", tmp_path / "runs", "--val-fraction", "0.3")
+        assert res.exit_code == 0, res.output
+        assert [ln for ln in res.output.splitlines() if "--val-fraction" in ln] == [
+            f"warning: {said}; drop the option, or put those images in train/ to have a split made"
+        ]
+        run_dir = next((tmp_path / "runs").iterdir())
+        assert any(said in w for w in read(run_dir, "problems.json")["warnings"])
+        res = invoke("run", data, *TINY, "-o", tmp_path / "more")  # the default: nothing to say
+        assert res.exit_code == 0 and "--val-fraction" not in res.output, res.output
+    plain = make_folder({"red": 5, "blue": 5}, name="plain")  # a split is made: the fraction is used
+    res = invoke("run", plain, *TINY, "-o", tmp_path / "plain-runs", "--val-fraction", "0.4")
+    assert res.exit_code == 0 and "--val-fraction" not in res.output, res.output
+    assert len(read(next((tmp_path / "plain-runs").iterdir()), "split.json")["val"]) == 4
+
+
 # --------------------------------------------------------------------------- CSV labels
 
 
@@ -81,6 +100,12 @@ def test_a_csv_where_every_row_has_a_split_is_used_as_given(tmp_path):
     with unchanged(data):
         index = scan(data, labels_csv=labels)
     assert index.counts("train") == {"cat": 3, "dog": 3} and index.counts("val") == {"cat": 2, "dog": 2}
+    res = invoke("run", data, "--labels", labels, *TINY, "-o", tmp_path / "runs", "--val-fraction", "0.5")
+    assert res.exit_code == 0, res.output
+    assert (
+        "--val-fraction 0.5 is not used: data has its own validation split (the labels CSV's split "
+        "column); drop the option, or leave that column empty to have a split made" in res.output
+    )
     assert index.split_seed is None  # nothing was split by the tool
 
 

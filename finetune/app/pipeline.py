@@ -134,9 +134,30 @@ def check_options(opts: RunOptions) -> RunOptions:
     return dataclasses.replace(opts, device=device, cache=cache, log=logs)
 
 
-def scan_data(opts: RunOptions) -> DatasetIndex:
-    """The index of `opts.data` as the run sees it (headers that passed before are not read again)."""
-    return scan(opts.data, opts.val_fraction, opts.seed, opts.labels_csv, remember=opts.cache)
+def scan_data(opts: RunOptions, dist) -> DatasetIndex:
+    """The index of `opts.data` as the run sees it (headers that passed before are not read again),
+    its warnings said once (by the main process).
+
+    A --val-fraction other than the default, where the data brings its own validation split, has
+    no effect: that is said among the warnings rather than ignored.
+    """
+    index = scan(opts.data, opts.val_fraction, opts.seed, opts.labels_csv, remember=opts.cache)
+    default = next(f.default for f in dataclasses.fields(RunOptions) if f.name == "val_fraction")
+    if index.val_fraction is None and opts.val_fraction != default:
+        where, instead = (
+            ("the labels CSV's split column", "leave that column empty")
+            if index.layout == "csv"
+            else ("its val/ folder", "put those images in train/")
+        )
+        unused = (
+            f"--val-fraction {opts.val_fraction:g} is not used: {index.root.name} has its own validation "
+            f"split ({where}); drop the option, or {instead} to have a split made"
+        )
+        index = dataclasses.replace(index, warnings=(*index.warnings, unused))
+    if dist.main:
+        for warning in index.warnings:
+            log.warning(warning)
+    return index
 
 
 def check_image_size(recipe, spec) -> None:
@@ -172,10 +193,7 @@ def _run(opts: RunOptions, dist, started: float) -> RunResult:
         # the interrupted run's own options and recipe; "already finished" once its folder is complete
         opts, resumed = resume_options(opts, dist, complete=is_run)
     opts = check_options(opts)
-    index = scan_data(opts)
-    if dist.main:
-        for warning in index.warnings:
-            log.warning(warning)
+    index = scan_data(opts, dist)
     strategy, advice = resolve_strategy(opts, index)
     if resumed is not None:
         recipe = resumed
@@ -440,7 +458,7 @@ def _lr_find(opts: RunOptions, recipe, dist, steps: int | None, start: float, en
     from finetune.runtime import shared_path, stop_distributed
     from finetune.train.lrfind import range_test
 
-    index = scan_data(opts)
+    index = scan_data(opts, dist)
     bb, pre = open_network(opts, recipe)
     out_existed = Path(opts.out).exists()
     name = f"{recipe.name}-lr-find"
