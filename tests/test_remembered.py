@@ -115,6 +115,23 @@ def test_a_damaged_entry_is_fitted_again_and_rewritten(own_cache, fits):
     assert len(fits) == 1 + len(damaged)
 
 
+def test_only_the_most_recently_used_heads_are_kept(own_cache, fits, monkeypatch):
+    monkeypatch.setattr(remembered, "KEEP", 3)
+    data = [_data(seed) for seed in range(5)]
+    for x, y in data[:3]:
+        fit_head_remembered(x, y)
+    fit_head_remembered(*data[0])  # read back: now the most recently used
+    assert len(fits) == 3
+    for x, y in data[3:]:  # two more: the two least recently used (seeds 1 and 2) go
+        fit_head_remembered(x, y)
+    assert len(list((own_cache / "heads").glob("*.npz"))) == 3
+    for seed in (0, 3, 4):
+        fit_head_remembered(*data[seed])
+    assert len(fits) == 5  # all three still remembered
+    fit_head_remembered(*data[1])
+    assert len(fits) == 6  # evicted: fitted again
+
+
 def test_a_head_that_did_not_converge_is_said_again_when_read_back(own_cache, monkeypatch, caplog):
     real = heads._lbfgs
 

@@ -13,17 +13,21 @@ versions; the value is the whole
 of a 5-6 s cached re-run of the 1,797 digits), and so does every stage of a repeated stage-probe;
 a new head kind, C grid, seed or any changed image fits afresh. Like the feature cache this
 is an optimization only: a damaged entry is fitted again and rewritten, an unwritable cache is
-said once and skipped.
+said once and skipped, and only the KEEP most recently used heads are kept.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import inspect
 import io
 import json
 import logging
+import os
+import time
 import zipfile
+from pathlib import Path
 
 import numpy as np
 import scipy
@@ -34,6 +38,7 @@ from finetune.probe.heads import FittedHead, fit_head, say_convergence
 log = logging.getLogger(__name__)
 
 SCHEMA = 1  # bump whenever fit_head's result for the same inputs may change
+KEEP = 64  # entries kept, the most recently used
 
 
 def head_key(x: np.ndarray, y: np.ndarray, settings: dict) -> str:
@@ -111,9 +116,30 @@ def fit_head_remembered(x: np.ndarray, y: np.ndarray, remember: bool = True, **s
         head = None
     if head is not None:
         log.debug(f"head: the {head.kind} head fitted before on these features, read from {path}")
+        _used(path)
         say_convergence(head, len(x))
         return head
     head = fit_head(x, y, **settings)
     blob = _encode(head)
-    cache_write(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob)))
+    if cache_write(cache_root(), lambda: atomic_write(path, lambda fh: fh.write(blob))):
+        _used(path)
+        _evict(path.parent)
     return head
+
+
+def _used(path: Path) -> None:
+    """Mark an entry used now, to the nanosecond (the kernel's own file times are coarser)."""
+    now = time.time_ns()
+    with contextlib.suppress(OSError):
+        os.utime(path, ns=(now, now))
+
+
+def _evict(folder: Path) -> None:
+    """Delete all but the KEEP most recently used entries (a 1,000-class head is 16 MB)."""
+    entries = []
+    for p in folder.glob("*.npz"):
+        with contextlib.suppress(OSError):  # another process may evict it meanwhile
+            entries.append((p.stat().st_mtime_ns, p))
+    for _, p in sorted(entries, reverse=True)[KEEP:]:
+        with contextlib.suppress(OSError):
+            p.unlink()
