@@ -259,15 +259,38 @@ def _discard(path: str) -> None:
 
 
 @contextlib.contextmanager
-def _hub_quiet() -> Iterator[None]:
-    """huggingface_hub's retry chatter off for the call: the outcome is our one line."""
-    logger = logging.getLogger("huggingface_hub")
-    old = logger.level
-    logger.setLevel(logging.ERROR)
+def _hub_quiet(src: WeightsSource) -> Iterator[None]:
+    """huggingface_hub's retry chatter off for the call, but for one line at its first retry.
+
+    On a machine without network hf_hub_download retries a lost connection five times over
+    about 25 s (its backoff: 1 + 2 + 4 + 8 + 8 s) before our one-line error; without a word that
+    looks like a hang. Everything else it logs is dropped: the outcome is ours to say.
+    """
+    hub, http = logging.getLogger("huggingface_hub"), logging.getLogger("huggingface_hub.utils._http")
+    state = {"cause": "", "warned": False}
+
+    def first_retry(record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if text.startswith("'") and "' thrown while requesting " in text:  # the cause, then "Retrying in"
+            state["cause"] = text[1 : text.index("' thrown")][:120]
+        elif text.startswith(("Retrying in", "Rate limited")) and not state["warned"]:
+            state["warned"] = True
+            log.warning(
+                f"the Hub does not answer for {src.name} ({state['cause'] or text}): retrying for about "
+                "25 s (Ctrl-C stops; --offline never tries)"
+            )
+        return False  # nothing of theirs is printed
+
+    levels = hub.level, http.level
+    hub.setLevel(logging.ERROR)
+    http.setLevel(logging.WARNING)
+    http.addFilter(first_retry)
     try:
         yield
     finally:
-        logger.setLevel(old)
+        http.removeFilter(first_retry)
+        hub.setLevel(levels[0])
+        http.setLevel(levels[1])
 
 
 def _first_line(err: BaseException) -> str:
@@ -290,7 +313,7 @@ def _download_hub(src: WeightsSource) -> tuple[str, str]:
 
     for fname in src.files:
         try:
-            with _hub_quiet():
+            with _hub_quiet(src):
                 path = hf_hub_download(
                     src.repo,
                     fname,
