@@ -19,6 +19,7 @@ collective: a rank that fails or hangs makes the others stop with one line withi
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import dataclass
@@ -189,6 +190,13 @@ def _all_gather_bytes(blob: bytes) -> list[bytes]:
     parts = [torch.zeros_like(buf) for _ in sizes]
     dist.all_gather(parts, buf)
     return [bytes(part[: int(n)].cpu().numpy()) for part, n in zip(parts, sizes)]
+
+
+def all_gather_json(obj, d: Dist) -> list:
+    """Every rank's JSON-able `obj`, in rank order ([obj] in a single process)."""
+    if d.world == 1:
+        return [obj]
+    return [json.loads(blob) for blob in _all_gather_bytes(json.dumps(obj).encode())]
 
 
 def all_sum(values: list[float], dist: Dist, device: torch.device | str = "cpu") -> list[float]:

@@ -176,6 +176,9 @@ def test_out_of_memory_or_an_undecodable_batch_on_one_rank_is_decided_by_all(clu
     meta, _, _ = load_checkpoint(run_dir / "checkpoint")
     assert meta["batches_seen"] == 6 and meta["step"] == 5  # one batch skipped, by both ranks
     assert "out of GPU memory: retrying with batches of 2 images" in cluster["stderr"]
+    # the images rank 1 alone could not decode are in the folder rank 0 wrote
+    skipped = json.loads((run_dir / "problems.json").read_text())["skipped"]
+    assert [r["reason"] for r in skipped] == ["injected decode failure"] * 3, skipped
 
 
 def _failing_launch(tmp: Path, data: Path, base: list, faults: dict, **env) -> tuple:

@@ -229,7 +229,7 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
     from finetune.app.runfolder import RunConfig, new_run_dir, save_run
     from finetune.io import versions, write_json
     from finetune.runconfig import write_run_toml
-    from finetune.runtime import shared_path, stop_distributed
+    from finetune.runtime import all_gather_json, shared_path, stop_distributed
 
     bb, pre = open_network(opts, recipe)
     if recipe.is_probe and recipe.layer != "all" and recipe.layer not in bb.tap_names:
@@ -255,6 +255,9 @@ def _train_and_save(opts, index: DatasetIndex, recipe, advice: dict, started: fl
         if rival:  # every rank: the rival's extraction is a collective under torchrun
             outcome, ctx = _versus(ctx, outcome, rival, dist.main)
             recipe = ctx.recipe
+        # each rank decoded its own shard of the training images: the folder names every file skipped
+        for bad in all_gather_json({str(pos): why for pos, why in ctx.bad.items()}, dist):
+            ctx.bad.update({int(pos): why for pos, why in bad.items()})
         if not dist.main:
             stop_distributed()
             return RunResult(run_dir, outcome.metrics, index, None, dict(ctx.bad), main=False)
