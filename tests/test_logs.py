@@ -94,6 +94,32 @@ def test_tensorboard_gets_step_and_epoch_scalars_and_the_recipe_as_hparams(make_
     assert {m.name.tag for m in experiment.metric_infos} == {"epoch/val_accuracy", "epoch/val_loss"}
 
 
+def test_a_resumed_run_hides_the_steps_logged_after_its_checkpoint(tmp_path):
+    """A process killed after step 6 whose last checkpoint holds 3 steps: the resumed run logs
+    steps 4.. again, and TensorBoard shows one point per step, the resumed run's."""
+    from finetune.recipes import load_recipe
+    from finetune.train.logs import open_logs
+
+    recipe = load_recipe("partial-finetune")
+    groups = [{"name": "head", "lr": 0.01}]
+    first = open_logs(tmp_path, ("csv", "tensorboard"), recipe)
+    for step in range(1, 7):
+        first.step(step, float(step), 0.5, 4, groups)
+    first.epoch({"epoch": 1, "val_accuracy": 0.25})
+    first.close()
+    resumed = open_logs(tmp_path, ("csv", "tensorboard"), recipe, resumed_at=3)
+    for step in range(4, 9):
+        resumed.step(step, 100.0 + step, 0.5, 4, groups)
+    resumed.epoch({"epoch": 2, "val_accuracy": 0.75})
+    resumed.close()
+    assert len(list((tmp_path / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    acc = _events(tmp_path / "tensorboard")
+    loss = acc.Scalars("step/loss")
+    assert [e.step for e in loss] == list(range(1, 9))
+    assert [e.value for e in loss] == [1.0, 2.0, 3.0, 104.0, 105.0, 106.0, 107.0, 108.0]
+    assert [(e.step, e.value) for e in acc.Scalars("epoch/val_accuracy")] == [(1, 0.25), (2, 0.75)]
+
+
 def test_missing_tensorboard_is_one_line_before_any_run_folder(image_folder, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tensorboard", None)  # `import tensorboard` raises ImportError
     out = tmp_path / "runs"

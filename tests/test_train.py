@@ -302,6 +302,31 @@ def test_interrupted_and_resumed_twice_equals_uninterrupted_bit_for_bit(make_fol
     assert strip(whole.run_dir) == strip(run_dir) and len(strip(run_dir)) == 4
 
 
+def test_a_resumed_run_continues_its_tensorboard_curves(make_folder, tmp_path, monkeypatch):
+    """Stopped after step 8 (SIGTERM: the checkpoint holds 8 steps), resumed: TensorBoard reads one
+    point per step 1..15 from the two event files (the resumed writer purges from step 9 on)."""
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    data = make_folder({"red": 8, "blue": 8, "green": 8})  # 18 train images, batches of 4: 5 per epoch
+    opts = dict(strategy="partial-finetune", backbone="test_resnet", pretrained=False, workers=0)
+    finetune_with(monkeypatch, stop_at(8, signal.SIGTERM))
+    with pytest.raises(Interrupted):
+        run(
+            RunOptions(
+                data=data, **opts, overrides=(*TINY, "epochs=3"), out=tmp_path / "r", log=("tensorboard",)
+            )
+        )
+    run_dir = next((tmp_path / "r").iterdir())
+    finetune_with(monkeypatch, None)
+    run(RunOptions(data=data, resume=run_dir, workers=0))
+    assert len(list((run_dir / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    acc = EventAccumulator(str(run_dir / "tensorboard"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("step/loss")] == list(range(1, 16))
+    assert [e.step for e in acc.Scalars("epoch/val_accuracy")] == [1, 2, 3]
+
+
 def test_resume_mistakes_are_one_line(make_folder, tmp_path):
     data = make_folder({"red": 6, "blue": 6})
     empty = tmp_path / "empty"

@@ -275,6 +275,7 @@ def resume_options(
         val_fraction=saved["val_fraction"],
         seed=saved["seed"],
         labels_csv=saved["labels_csv"],
+        log=tuple(dict.fromkeys([*saved.get("log", ()), *opts.log])),  # the run's logs, and any asked for now
     )
     return opts, recipe_from_dict(meta["recipe"])
 

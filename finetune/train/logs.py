@@ -106,14 +106,21 @@ class RunLogs:
             self.writer.close()
 
 
-def open_logs(run_dir: Path, kinds: Sequence[str], recipe: Recipe) -> RunLogs:
-    """The logs `kinds` ask for, in `run_dir`; the recipe goes in as hparams (call on rank 0 only)."""
+def open_logs(run_dir: Path, kinds: Sequence[str], recipe: Recipe, resumed_at: int | None = None) -> RunLogs:
+    """The logs `kinds` ask for, in `run_dir`; the recipe goes in as hparams (call on rank 0 only).
+
+    `resumed_at`: the optimizer steps the resumed checkpoint holds. Steps after it that an earlier
+    process logged before it died (a kill after the last checkpoint) are logged again now; the
+    writer's `purge_step` tells TensorBoard to hide the earlier ones, so each curve has one point
+    per step. (Epoch scalars sit at x = epoch, below that step: they are kept.)
+    """
     if "tensorboard" not in kinds:
         return RunLogs()
     from torch.utils.tensorboard import SummaryWriter
     from torch.utils.tensorboard.summary import hparams
 
-    writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR))
+    purge = None if resumed_at is None else resumed_at + 1  # steps are logged 1-based
+    writer = SummaryWriter(log_dir=str(run_dir / TENSORBOARD_DIR), purge_step=purge)
     # In the run's own event file (add_hparams would open a sub-run): TensorBoard's HParams tab
     # reads the metrics from this run's scalars of the same names.
     metrics = {"epoch/val_accuracy": 0.0, "epoch/val_loss": 0.0}

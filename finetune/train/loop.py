@@ -202,7 +202,8 @@ def run_finetune(ctx: RunContext, on_batch: OnBatch | None = None) -> Outcome:
     _log_groups(t)
     if lpft:
         keep_start(t)
-    t.logs = open_logs(ctx.run_dir, opts.log, recipe) if dist.main else RunLogs()
+    resumed_at = t.progress.step if opts.resume is not None else None
+    t.logs = open_logs(ctx.run_dir, opts.log, recipe, resumed_at) if dist.main else RunLogs()
     try:
         fit(t, on_batch)
     finally:
@@ -711,6 +712,7 @@ def save(t: Training, best_changed: bool) -> None:
             "val_fraction": opts.val_fraction,
             "seed": opts.seed,
             "labels_csv": str(opts.labels_csv) if opts.labels_csv else None,
+            "log": list(opts.log),  # the resumed run goes on writing the same logs
         },
     }
     if not best_changed and t.best_file:
